@@ -65,7 +65,10 @@ class PosteriorModel:
         return post.T[image_ids].clamp_min(1e-30).log()
 
 
-@pytest.mark.parametrize("path", [MixturePath(K), MetricPath(torch.randn(K, 3, generator=torch.Generator().manual_seed(3)))])
+_EMB = torch.randn(K, 3, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("path", [MixturePath(K), MetricPath(_EMB)])
 def test_sampler_final_distribution_matches_data(path):
     p_data = torch.tensor([0.3, 0.02, 0.15, 0.05, 0.25, 0.08, 0.1, 0.05])
     sched = KineticOptimalScheduler(path, shift=1.0)

@@ -136,8 +136,8 @@ class MetricPath:
         for r0 in range(0, y.numel(), self.row_chunk):
             yy, bb = y[r0 : r0 + self.row_chunk], beta[r0 : r0 + self.row_chunk, None]
             out[r0 : r0 + self.row_chunk] = chunked_categorical(
-                lambda k0, k1: -bb * self.distance(yy, k0, k1), yy.numel(), self.num_embeddings, self.chunk,
-                generator, y.device,
+                lambda k0, k1, yy=yy, bb=bb: -bb * self.distance(yy, k0, k1),
+                yy.numel(), self.num_embeddings, self.chunk, generator, y.device,
             )
         return out.reshape(x1.shape)
 
@@ -189,7 +189,9 @@ class MetricPath:
                 logp, gap = self._rate_terms(ym, xm, bm, k0, k1)
                 return logp + torch.log(gap)
 
-            out[r0 + idx] = chunked_categorical(score, idx.numel(), self.num_embeddings, self.chunk, generator, y.device)
+            out[r0 + idx] = chunked_categorical(
+                score, idx.numel(), self.num_embeddings, self.chunk, generator, y.device
+            )
         return out.reshape(x_t.shape)
 
 

@@ -124,7 +124,10 @@ def test_chunked_categorical_matches_softmax():
     logits[1, 5:] = float("-inf")
     n = 40_000
     rows = logits.repeat_interleave(n, 0)
-    draws = chunked_categorical(lambda a, b: rows[:, a:b], rows.shape[0], 17, 4, torch.Generator().manual_seed(1))
+    def score(a, b, idx):
+        return (rows if idx is None else rows[idx])[:, a:b]
+
+    draws = chunked_categorical(score, rows.shape[0], 17, 4, torch.Generator().manual_seed(1))
     for r in range(3):
         assert _tv(draws[r * n:(r + 1) * n], torch.softmax(logits[r], -1)) < 0.015
     assert (draws[n:2 * n] < 5).all()

@@ -17,27 +17,14 @@ from collections.abc import Callable
 
 import torch
 
-ScoreFn = Callable[[int, int], torch.Tensor]
-"""`score_fn(k0, k1) -> Float[M, k1 - k0]`: log-weights of classes k0..k1-1 for every row (-inf = 0)."""
+ScoreFn = Callable[[int, int, torch.Tensor | None], torch.Tensor]
+"""`score_fn(k0, k1, rows) -> Float[M', k1 - k0]`: log-weights (-inf = no mass) of classes k0..k1-1
+for the rows indexed by `rows` (Long[M']), or for every row when `rows` is None."""
 
 
 def _blocks(num_classes: int, chunk: int):
     for k0 in range(0, num_classes, chunk):
         yield k0, min(k0 + chunk, num_classes)
-
-
-def chunked_logsumexp(score_fn: ScoreFn, rows: int, num_classes: int, chunk: int, device) -> tuple:
-    """Streaming (m, Z) with log sum_k exp(s_k) = m + log Z; m: Float[M], Z: Float64[M]."""
-    m = torch.full((rows,), float("-inf"), device=device)
-    z = torch.zeros(rows, dtype=torch.float64, device=device)
-    for k0, k1 in _blocks(num_classes, chunk):
-        s = score_fn(k0, k1).float()
-        new_m = torch.maximum(m, s.max(dim=1).values)
-        safe_m = torch.where(torch.isfinite(new_m), new_m, torch.zeros_like(new_m))
-        scale = torch.exp((m - safe_m).double()).nan_to_num(0.0)
-        z = z * scale + torch.exp(s - safe_m[:, None]).sum(dim=1, dtype=torch.float64)
-        m = new_m
-    return m, z
 
 
 def chunked_categorical(
@@ -50,32 +37,44 @@ def chunked_categorical(
 ) -> torch.Tensor:
     """Draw one class per row from softmax(scores). Returns Long[M].
 
-    Rows whose scores are all -inf have no mass; they get class 0 (callers never ask for those).
+    Pass 1 keeps, per row and block, the block max m_c and sum s_c = sum exp(s - m_c) (Float[M, C]).
+    Pass 2 picks the block where u * Z falls, then re-scores only that block for those rows, so the
+    second pass costs about one block per row. Rows whose scores are all -inf get class 0.
     """
-    m, z = chunked_logsumexp(score_fn, rows, num_classes, chunk, device)
-    safe_m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    u = torch.rand(rows, generator=generator, device=device, dtype=torch.float64)
-    target = u * z
-    out = torch.full((rows,), -1, dtype=torch.long, device=device)
-    last_positive = torch.zeros(rows, dtype=torch.long, device=device)
-    acc = torch.zeros(rows, dtype=torch.float64, device=device)
-    for k0, k1 in _blocks(num_classes, chunk):
-        w = torch.exp(score_fn(k0, k1).float() - safe_m[:, None]).double()
-        cum = torch.cumsum(w, dim=1) + acc[:, None]
-        idx = (cum < target[:, None]).sum(dim=1)
-        hit = (idx < (k1 - k0)) & (out < 0)
-        out = torch.where(hit, idx + k0, out)
-        pos = w > 0
-        has_pos = pos.any(dim=1)
-        last_in_block = (k1 - k0 - 1) - pos.flip(1).int().argmax(dim=1)
-        last_positive = torch.where(has_pos, last_in_block + k0, last_positive)
-        acc = cum[:, -1]
-    # Rounding can leave u * Z a hair above the final running sum: take the last class with mass.
-    return torch.where(out < 0, last_positive, out)
+    blocks = list(_blocks(num_classes, chunk))
+    maxes = torch.empty(rows, len(blocks), device=device)
+    sums = torch.empty(rows, len(blocks), dtype=torch.float64, device=device)
+    for c, (k0, k1) in enumerate(blocks):
+        s = score_fn(k0, k1, None).float()
+        m = s.max(dim=1).values
+        safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        maxes[:, c] = m
+        sums[:, c] = torch.exp(s - safe[:, None]).sum(dim=1, dtype=torch.float64)
+    top = maxes.max(dim=1).values
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    mass = sums * torch.exp((maxes - top[:, None]).double())  # exp(-inf) = 0 for empty blocks
+    cum = mass.cumsum(dim=1)
+    target = torch.rand(rows, generator=generator, device=device, dtype=torch.float64) * cum[:, -1]
+    block = (cum < target[:, None]).sum(dim=1)
+    nonempty = mass > 0
+    last_nonempty = (len(blocks) - 1) - nonempty.flip(1).int().argmax(dim=1)
+    block = torch.minimum(block, last_nonempty)  # rounding can leave the target past the last sum
+    prefix = torch.where(block > 0, cum.gather(1, (block - 1).clamp_min(0)[:, None]).squeeze(1), 0.0)
+    out = torch.zeros(rows, dtype=torch.long, device=device)
+    for c, (k0, k1) in enumerate(blocks):
+        sel = (block == c).nonzero().squeeze(1)
+        if sel.numel() == 0:
+            continue
+        w = torch.exp(score_fn(k0, k1, sel).float() - top[sel, None]).double()
+        cw = w.cumsum(dim=1)
+        idx = (cw < (target[sel] - prefix[sel])[:, None]).sum(dim=1)
+        last_pos = (k1 - k0 - 1) - (w > 0).flip(1).int().argmax(dim=1)
+        out[sel] = torch.minimum(idx, last_pos) + k0
+    return out
 
 
 def sample_logits(
-    logits: torch.Tensor, generator: torch.Generator | None = None, chunk: int = 8192, row_chunk: int = 4096
+    logits: torch.Tensor, generator: torch.Generator | None = None, chunk: int = 4096, row_chunk: int = 1024
 ) -> torch.Tensor:
     """x ~ Categorical(softmax(logits)) per row of Float[..., K]; returns Long[...].
 
@@ -86,8 +85,10 @@ def sample_logits(
     out = torch.empty(flat.shape[0], dtype=torch.long, device=logits.device)
     for r0 in range(0, flat.shape[0], row_chunk):
         rows = flat[r0 : r0 + row_chunk]
-        out[r0 : r0 + row_chunk] = chunked_categorical(
-            lambda k0, k1, rows=rows: rows[:, k0:k1].float(), rows.shape[0], num_classes, chunk, generator,
-            logits.device,
-        )
+
+        def score(k0, k1, idx, rows=rows):
+            return (rows if idx is None else rows[idx])[:, k0:k1].float()
+
+        n = rows.shape[0]
+        out[r0 : r0 + row_chunk] = chunked_categorical(score, n, num_classes, chunk, generator, logits.device)
     return out.reshape(shape)

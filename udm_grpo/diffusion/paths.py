@@ -21,6 +21,10 @@ from .categorical import chunked_categorical
 TimeLike = float | torch.Tensor
 
 
+def _take(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    return x if idx is None else x[idx]
+
+
 def expand_time(t: TimeLike, x: torch.Tensor) -> torch.Tensor:
     """Broadcast t (a float, Float[B] per sample or a tensor of x's shape) to Float32 of x.shape."""
     t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
@@ -81,8 +85,8 @@ class MetricPath:
         alpha: float = 0.9,
         c: float = 3.0,
         eps: float = 1e-5,
-        chunk: int = 8192,
-        row_chunk: int = 2048,
+        chunk: int = 4096,
+        row_chunk: int = 1024,
     ):
         emb = embedding.detach().float()
         self.raw_emb = emb
@@ -136,7 +140,7 @@ class MetricPath:
         for r0 in range(0, y.numel(), self.row_chunk):
             yy, bb = y[r0 : r0 + self.row_chunk], beta[r0 : r0 + self.row_chunk, None]
             out[r0 : r0 + self.row_chunk] = chunked_categorical(
-                lambda k0, k1, yy=yy, bb=bb: -bb * self.distance(yy, k0, k1),
+                lambda k0, k1, idx, yy=yy, bb=bb: _take(-bb, idx) * self.distance(_take(yy, idx), k0, k1),
                 yy.numel(), self.num_embeddings, self.chunk, generator, y.device,
             )
         return out.reshape(x1.shape)
@@ -185,8 +189,8 @@ class MetricPath:
                 continue
             ym, xm, bm = yy[idx], xx[idx], bb[idx]
 
-            def score(k0, k1, ym=ym, xm=xm, bm=bm):
-                logp, gap = self._rate_terms(ym, xm, bm, k0, k1)
+            def score(k0, k1, sel, ym=ym, xm=xm, bm=bm):
+                logp, gap = self._rate_terms(_take(ym, sel), _take(xm, sel), _take(bm, sel), k0, k1)
                 return logp + torch.log(gap)
 
             out[r0 + idx] = chunked_categorical(

@@ -64,7 +64,7 @@ def run_one(variant: str, args) -> dict:
     emb = torch.randn(args.K, args.dim, generator=gen, device=device)
     fn = naive_step if variant == "naive" else ours_step
     times = []
-    for i in range(args.repeat):
+    for _ in range(args.repeat):
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

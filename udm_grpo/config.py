@@ -192,7 +192,18 @@ _RENAMED = {
 
 def _section_cls(f: dataclasses.Field):
     """The dataclass of a nested section (annotations are strings under `from __future__ import annotations`)."""
-    return globals()[f.type] if isinstance(f.type, str) else f.type
+    if not isinstance(f.type, str):
+        return f.type
+    return _SECTIONS.get(f.type) or globals()[f.type]
+
+
+_SECTIONS: dict[str, type] = {}
+
+
+def register_section(cls):
+    """Make a section dataclass of another module (e.g. the tiny-world schema) resolvable by name."""
+    _SECTIONS[cls.__name__] = cls
+    return cls
 
 
 def config_to_dict(config: Config) -> dict:
@@ -281,11 +292,11 @@ def _cross_checks(cfg: Config, origins: dict[str, str]) -> None:
         )
 
 
-def config_from_dict(data: Mapping, origins: dict[str, str] | None = None, where: str = "") -> Config:
-    """Validate a (possibly partial) nested mapping, fill defaults and return a Config."""
+def config_from_dict(data: Mapping, origins: dict[str, str] | None = None, where: str = "", schema=Config):
+    """Validate a (possibly partial) nested mapping, fill defaults and return a `schema` instance."""
     origins = origins or {}
-    checked = _check_keys(data, Config, "", where)
-    merged = OmegaConf.merge(OmegaConf.create(config_to_dict(Config())), OmegaConf.create(checked))
+    checked = _check_keys(data, schema, "", where)
+    merged = OmegaConf.merge(OmegaConf.create(config_to_dict(schema())), OmegaConf.create(checked))
     try:
         plain = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as e:
@@ -298,8 +309,9 @@ def config_from_dict(data: Mapping, origins: dict[str, str] | None = None, where
                 f"which udm-grpo does not register (it could run code); write the value out."
             ) from None
         raise ConfigError(f"config key '{key}'{_origin_text(key, origins)} could not be resolved: {first}.") from None
-    cfg = _build(Config, plain, "", origins)
-    _cross_checks(cfg, origins)
+    cfg = _build(schema, plain, "", origins)
+    if schema is Config:
+        _cross_checks(cfg, origins)
     return cfg
 
 
@@ -348,26 +360,27 @@ def _parse_override(item: str) -> dict:
         raise ConfigError(f"override '{item}' has a value that cannot be parsed: {first}.") from None
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- YAML file (optional) <- dotted `key=value` overrides (later wins); validated Config."""
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (), schema=Config):
+    """Defaults <- YAML file (optional) <- dotted `key=value` overrides (later wins); a validated `schema`
+    instance (default: the GRPO run `Config`)."""
     origins: dict[str, str] = {}
     layers = []
     if path is not None:
         path = os.fspath(path)
         data = _read_yaml(path)
-        _check_keys(data, Config, "", f" in '{path}'")
+        _check_keys(data, schema, "", f" in '{path}'")
         origins.update({k: f"set in '{path}'" for k in _flat_keys(data)})
         layers.append(data)
     for item in overrides:
         data = _parse_override(item)
-        _check_keys(data, Config, "", f" in override '{item}'")
+        _check_keys(data, schema, "", f" in override '{item}'")
         origins.update({k: f"set by override '{item}'" for k in _flat_keys(data)})
         layers.append(data)
     merged = OmegaConf.merge(*(OmegaConf.create(layer) for layer in layers)) if layers else OmegaConf.create({})
-    return config_from_dict(OmegaConf.to_container(merged, resolve=False), origins)
+    return config_from_dict(OmegaConf.to_container(merged, resolve=False), origins, schema=schema)
 
 
-def save_resolved(config: Config, path: str | os.PathLike) -> None:
+def save_resolved(config, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (creates parent folders)."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -156,6 +156,10 @@ class ExperimentConfig:
     save_every: int = opt(100, NONNEG_INT, "steps between checkpoints; 0 = only at the end")
     sample_every: int = opt(50, NONNEG_INT, "steps between sample grids; 0 = off")
     num_eval_prompts: int = opt(64, POS_INT, "held-out prompts per evaluation")
+    eval_images_per_prompt: int = opt(1, POS_INT, "images per held-out prompt")
+    eval_num_inference_steps: int = opt(25, POS_INT, "sampling steps of the held-out evaluation")
+    eval_guidance_scale: float = opt(1.0, float_rule("a number >= 1", lambda v: v >= 1), "guidance of the evaluation")
+    keep_checkpoints: int | None = opt(3, optional(POS_INT), "keep the newest N checkpoints; null = all")
     wandb: bool = opt(False, BOOL, "also log to Weights & Biases")
 
 

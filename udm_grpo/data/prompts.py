@@ -1,0 +1,79 @@
+"""Prompt sets and a resumable, seeded prompt stream.
+
+A prompt set is a list of records `{"prompt": str, ...}` (GenEval-schema records carry tag /
+include / exclude for rule-based rewards). Sources: `shapes:train` / `shapes:test` (the tiny world),
+a `.jsonl` file (one JSON object with a "prompt" key per line) or a `.txt` file (one prompt per line).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+
+
+def load_prompts(source: str) -> list[dict]:
+    if source.startswith("shapes:"):
+        from .shapes import generate_records
+
+        split = source.split(":", 1)[1]
+        if split not in ("train", "test"):
+            raise UserError(f"prompt source '{source}': the tiny world's splits are 'shapes:train' and 'shapes:test'.")
+        return generate_records(split, None, 0)
+    path = Path(source)
+    if not path.is_file():
+        raise UserError(f"prompt file {path} does not exist.")
+    if path.suffix == ".jsonl":
+        records = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: not valid JSON ({e.msg}).") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                raise UserError(f"{path}:{n}: each line must be a JSON object with a string 'prompt'.")
+            records.append(rec)
+    else:
+        records = [{"prompt": ln.strip()} for ln in path.read_text().splitlines() if ln.strip()]
+    if not records:
+        raise UserError(f"prompt file {path} holds no prompts.")
+    return records
+
+
+class PromptStream:
+    """Endless stream of prompt records, reshuffled every epoch from (seed, epoch).
+
+    `state()` / `load_state()` give the data cursor (epoch, position) for exact resume.
+    """
+
+    def __init__(self, records: list[dict], seed: int, shuffle: bool = True):
+        self.records, self.seed, self.shuffle = records, seed, shuffle
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.records))
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.records))
+
+    def next(self, n: int) -> list[dict]:
+        out = []
+        while len(out) < n:
+            if self.position == len(self.records):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation()
+            out.append(self.records[self._order[self.position]])
+            self.position += 1
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._permutation()

@@ -13,7 +13,12 @@ from . import __version__
 from .errors import UserError
 
 # name -> (module, one-line help). A module defines `add_arguments(parser)` and `run(args) -> int`.
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("udm_grpo.commands.train", "UDM-GRPO fine-tuning (default: the tiny world with ShapeEval)"),
+    "pretrain": ("udm_grpo.commands.pretrain", "build and pretrain a tiny-world URSA model from scratch"),
+    "sample": ("udm_grpo.commands.sample", "prompts -> a PNG grid of samples"),
+    "eval": ("udm_grpo.commands.evaluate", "evaluate a model (eval shapes: ShapeEval on the tiny world)"),
+}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,151 @@
+"""The UDM-GRPO trainer on a tiny random pipeline: learning, exact resume, atomic saves, guardrails."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from udm_grpo.config import load_config
+from udm_grpo.grpo import checkpoint as ckpt_mod
+from udm_grpo.grpo.rollout import Rollout
+from udm_grpo.grpo.states import training_states
+from udm_grpo.grpo.trainer import TrainingError, UDMGRPOTrainer
+from udm_grpo.rewards.base import RewardOutput
+
+from .test_pipeline import tiny_pipeline
+
+
+class Brightness:
+    """Toy reward: mean pixel value in [0, 1]."""
+
+    def __call__(self, images, prompts, metadata):
+        s = torch.as_tensor(images).float().mean(dim=(1, 2, 3)) / 255
+        return RewardOutput(scores=s, values={"brightness": s})
+
+
+class NaNReward:
+    def __call__(self, images, prompts, metadata):
+        s = torch.full((len(prompts),), float("nan"))
+        return RewardOutput(scores=s, values={})
+
+
+def make_config(tmp_path, **over):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a red circle\na blue square\nred square\nblue circle\n")
+    base = {
+        "model.dtype": "float32", "model.gradient_checkpointing": 0,
+        "sampling.num_prompts_per_step": 2, "sampling.num_images_per_prompt": 4, "sampling.train_steps": 2,
+        "sampling.train_start": [0, 2], "sampling.rollout.num_inference_steps": 4,
+        "sampling.rollout.height": 16, "sampling.rollout.width": 16,
+        "reward.kl_beta": 0.05, "training.lr": 3e-3, "training.mixed_precision": "no", "training.seed": 0,
+        "training.micro_batch_size": 4, "training.max_steps": 4,
+        "experiment.output_dir": str(tmp_path / "run"), "experiment.log_every": 1, "experiment.eval_every": 0,
+        "experiment.save_every": 2, "experiment.num_eval_prompts": 2, "experiment.eval_num_inference_steps": 3,
+        "data.train": str(prompts), "data.test": str(prompts),
+    }
+    base.update(over)
+    return load_config(None, [f"{k}={json.dumps(v)}" for k, v in base.items()])
+
+
+def trainer(cfg, reward=None):
+    return UDMGRPOTrainer(cfg, pipeline=tiny_pipeline(), reward=reward or Brightness(), progress=False)
+
+
+def weights(tr):
+    return {k: v.clone() for k, v in tr.acc.unwrap_model(tr.policy).model.state_dict().items()}
+
+
+def test_resume_is_bit_exact(tmp_path):
+    full = trainer(make_config(tmp_path / "a"))
+    full.train(max_steps=4)
+    first = trainer(make_config(tmp_path / "b"))
+    first.train(max_steps=2)
+    second = trainer(make_config(tmp_path / "b"))
+    second.train(max_steps=4, resume="latest")
+    wa, wb = weights(full), weights(second)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    rows = lambda p: [json.loads(x) for x in (p / "run" / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    ra, rb = rows(tmp_path / "a"), rows(tmp_path / "b")
+    assert [r["step"] for r in rb] == [1, 2, 3, 4]
+    assert [r["reward_mean"] for r in ra] == [r["reward_mean"] for r in rb]
+    # On-policy, the ratio is exactly 1 in value.
+    assert all(r["ratio_mean"] == 1.0 and r["clip_frac"] == 0.0 for r in ra)
+    assert all(r["kl"] >= 0 for r in ra)
+
+
+def test_killed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    cfg = make_config(tmp_path)
+    tr = trainer(cfg)
+    tr.train(max_steps=2)
+    real = ckpt_mod.save_file
+
+    def dying(tensors, path, *a, **k):
+        if path.endswith("optimizer.safetensors"):
+            raise KeyboardInterrupt("killed")
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(ckpt_mod, "save_file", dying)
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(max_steps=4)
+    monkeypatch.setattr(ckpt_mod, "save_file", real)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step-000002"
+    resumed = trainer(cfg)
+    folder = resumed.resume("latest")
+    assert folder.name == "step-000002" and resumed.step == 2
+    resumed.train(max_steps=4)
+    assert (checkpoints / "latest").read_text() == "step-000004"
+    assert not list(checkpoints.glob("*.tmp"))
+
+
+def test_nan_rewards_skip_updates_then_stop(tmp_path):
+    cfg = make_config(tmp_path, **{"training.max_nonfinite": 2, "experiment.save_every": 0})
+    tr = trainer(cfg, NaNReward())
+    before = weights(tr)
+    with pytest.raises(TrainingError, match="consecutive"):
+        tr.train(max_steps=10)
+    after = weights(tr)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    # Two skipped steps were logged; the third raised before its line.
+    assert [ln["skipped_total"] for ln in lines] == [1, 2] and lines[0]["skipped"] == "non-finite reward"
+
+
+def test_short_run_raises_toy_reward(tmp_path):
+    cfg = make_config(tmp_path, **{"training.max_steps": 30, "experiment.save_every": 0, "reward.kl_beta": 0.0,
+                                   "training.lr": 1e-2, "sampling.num_images_per_prompt": 8})
+    tr = trainer(cfg)
+    tr.train()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    early = sum(r["reward_mean"] for r in rows[:5]) / 5
+    late = sum(r["reward_mean"] for r in rows[-5:]) / 5
+    assert late > early + 0.02, (early, late)
+
+
+def test_reused_rollouts_clip(tmp_path):
+    cfg = make_config(tmp_path, **{"training.updates_per_rollout": 3, "reward.ratio_clipping": 1e-4,
+                                   "experiment.save_every": 0, "training.max_steps": 1})
+    tr = trainer(cfg)
+    metrics = tr.train_step()
+    assert metrics["clip_frac"] > 0
+    assert math.isfinite(metrics["grad_norm"])
+
+
+def test_forward_process_states_follow_marginal():
+    pipe = tiny_pipeline()
+    n = 20000
+    final = torch.full((1, n), 5)
+    ro = Rollout(["p"], [None], torch.zeros(1, 8, dtype=torch.long), None, (1, n), final,
+                 torch.zeros(4, 1, n, dtype=torch.long), torch.zeros(4, 1, n, dtype=torch.long),
+                 torch.tensor([0.0, 0.3, 0.6, 0.8], dtype=torch.float64), None)
+    path = pipe.scheduler.path
+    out = training_states(ro, [1, 2], path, True, True, torch.Generator().manual_seed(0))
+    for ts in out:
+        assert torch.equal(ts.actions, final)
+        freq = torch.bincount(ts.states.flatten(), minlength=path.num_embeddings).double() / n
+        expected = path.probs(torch.tensor([5]), ts.t)[0].double()
+        assert 0.5 * (freq - expected).abs().sum() < 0.02
+    naive = training_states(ro, [1], path, False, False, None)[0]
+    assert torch.equal(naive.states, ro.states[1]) and torch.equal(naive.actions, ro.predictions[1])

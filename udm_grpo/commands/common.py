@@ -1,0 +1,49 @@
+"""Arguments and helpers shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import UserError
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="pipeline folder in the URSA layout (default: the shipped tiny-world model)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+
+def load_pipeline(model: str | None, device: str = "cpu"):
+    import torch
+
+    from ..models.pipeline import URSAPipeline
+    from ..tinyworld import SHIPPED_MODEL
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    folder = Path(model) if model else SHIPPED_MODEL
+    if model is None and not (folder / "model_index.json").is_file():
+        raise UserError(f"the shipped tiny-world model is missing at {folder}; rebuild it with "
+                        "`udm-grpo pretrain --output udm_grpo/assets/tiny-world`.")
+    return URSAPipeline.from_pretrained(folder, device=device)
+
+
+def sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..tinyworld import SamplingDefaults
+
+    d = SamplingDefaults()
+    parser.add_argument("--steps", type=int, default=d.num_inference_steps, help="sampling steps")
+    parser.add_argument("--guidance", type=float, default=d.guidance_scale, help="classifier-free guidance scale")
+    parser.add_argument("--guidance-trunc", type=float, default=d.guidance_trunc,
+                        help="apply guidance only while t < this")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def sampling_from_args(args):
+    from ..tinyworld import SamplingDefaults
+
+    if args.steps < 1:
+        raise UserError(f"--steps must be >= 1, got {args.steps}.")
+    if args.guidance < 1:
+        raise UserError(f"--guidance must be >= 1, got {args.guidance}.")
+    return SamplingDefaults(args.steps, args.guidance, args.guidance_trunc)

@@ -1,0 +1,180 @@
+"""URSAPipeline: the four components of an URSA checkpoint folder, and text -> image generation.
+
+Folder layout (the official one, so a downloaded URSA-1.7B-IBQ512 loads unchanged):
+
+    model_index.json   {"_class_name": "URSAPipeline", "transformer": [...], "vae": [...], ...}
+    transformer/       config.json + diffusion_pytorch_model.safetensors (or legacy .bin)
+    vae/               config.json + weights (AutoencoderVQ, or PatchVQ in the tiny world)
+    scheduler/         scheduler_config.json + scheduler_model.pth {"path.emb": Float[K, D]}
+    tokenizer/         anything transformers.AutoTokenizer loads offline
+
+Remote-code shim files (`__transformer__.py` ...) are ignored: nothing from a checkpoint is executed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.text_tokenizer import encode_prompts
+from ..diffusion.sampler import Trajectory, sample_tokens
+from ..diffusion.scheduler import KineticOptimalScheduler
+from ..errors import CheckpointError, UserError
+from .transformer import URSATransformer
+from .vae import load_vae
+
+COMPONENTS = ("transformer", "vae", "scheduler", "tokenizer")
+DEFAULT_PROMPT_LENGTH = 320
+
+
+@dataclass
+class PipelineOutput:
+    """images: uint8 [B, H, W, 3] (numpy); ids: Long[B, h*w] codebook ids; trajectory when recorded."""
+
+    images: np.ndarray
+    ids: torch.Tensor
+    trajectory: Trajectory | None = None
+
+    def pil(self) -> list:
+        from PIL import Image
+
+        return [Image.fromarray(im) for im in self.images]
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Float[B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3], rounded (the reference truncates)."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+class URSAPipeline:
+    """Components: `transformer` (URSATransformer), `vae` (AutoencoderVQ / PatchVQ),
+    `scheduler` (KineticOptimalScheduler), `tokenizer` (a transformers tokenizer)."""
+
+    def __init__(self, transformer, vae, scheduler: KineticOptimalScheduler, tokenizer,
+                 max_prompt_length: int = DEFAULT_PROMPT_LENGTH, source: str = "pipeline"):
+        self.transformer, self.vae, self.scheduler, self.tokenizer = transformer, vae, scheduler, tokenizer
+        self.max_prompt_length = int(max_prompt_length)
+        self.check_invariants(source)
+
+    # ---- invariants -------------------------------------------------------------------------------
+    def check_invariants(self, source: str = "pipeline") -> None:
+        """vocab_size = lm_vocab_size + K and K = lm_head_size = path rows = VQ codebook size."""
+        cfg = self.transformer.config
+        k_head, k_path, k_vq = cfg.lm_head_size, self.scheduler.num_embeddings, self.vae.num_embeddings
+        if cfg.vocab_size != cfg.lm_vocab_size + k_head:
+            raise CheckpointError(f"{source}: transformer vocab_size {cfg.vocab_size} != lm_vocab_size "
+                                  f"{cfg.lm_vocab_size} + lm_head_size {k_head}.")
+        if not k_head == k_path == k_vq:
+            raise CheckpointError(f"{source}: codebook sizes disagree: transformer lm_head_size {k_head}, "
+                                  f"scheduler path embedding {k_path} rows, vae num_vq_embeddings {k_vq}.")
+        if len(self.tokenizer) > cfg.lm_vocab_size:
+            raise CheckpointError(f"{source}: the tokenizer has {len(self.tokenizer)} tokens but the transformer's "
+                                  f"lm_vocab_size is {cfg.lm_vocab_size}.")
+
+    # ---- loading and saving -------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> URSAPipeline:
+        """Load a folder in the official layout. `dtype` applies to the transformer (default float32)."""
+        from transformers import AutoTokenizer
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder}: no such model folder.")
+        index_file = folder / "model_index.json"
+        if not index_file.is_file():
+            raise CheckpointError(f"{folder}: missing model_index.json (not an URSA pipeline folder).")
+        try:
+            index = json.loads(index_file.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{index_file}: not valid JSON ({e.msg} at line {e.lineno}).") from None
+        for name in COMPONENTS:
+            if not (folder / name).is_dir():
+                raise CheckpointError(f"{folder}: missing the '{name}/' component folder.")
+        transformer = URSATransformer.from_pretrained(folder / "transformer", dtype=dtype, device=device)
+        vae = load_vae(folder / "vae", device=device)
+        scheduler = KineticOptimalScheduler.from_pretrained(folder / "scheduler", vae.num_embeddings)
+        scheduler.to(device or "cpu")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+        except Exception as e:  # transformers raises many types; the message names what is missing
+            raise CheckpointError(f"{folder / 'tokenizer'}: cannot load the tokenizer ({e}).") from None
+        length = index.get("_max_prompt_length", DEFAULT_PROMPT_LENGTH)
+        return cls(transformer, vae, scheduler, tokenizer, max_prompt_length=length, source=str(folder))
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.transformer.save_pretrained(folder / "transformer")
+        self.vae.save_pretrained(folder / "vae")
+        self.scheduler.save_pretrained(folder / "scheduler")
+        self.tokenizer.save_pretrained(str(folder / "tokenizer"))
+        index = {
+            "_class_name": "URSAPipeline",
+            "_diffusers_version": "0.32.0",
+            "_max_prompt_length": self.max_prompt_length,
+            "transformer": ["__transformer__", "URSATransformer3DModel"],
+            "vae": ["__vae__", type(self.vae).__name__],
+            "scheduler": ["__scheduler__", "KineticOptimalScheduler"],
+            "tokenizer": ["transformers", type(self.tokenizer).__name__],
+        }
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    # ---- generation ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """Long[B, max_prompt_length], left-padded, no special tokens."""
+        return encode_prompts(self.tokenizer, prompts, self.max_prompt_length).to(self.device)
+
+    def grid(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        size = getattr(getattr(self.vae, "config", None), "sample_size", None) or 512
+        size = size[0] if isinstance(size, list | tuple) else size
+        height, width = height or size, width or size
+        stride = self.vae.spatial_stride
+        if height % stride or width % stride:
+            raise UserError(f"height and width must be multiples of the tokenizer stride {stride}, "
+                            f"got {height}x{width}.")
+        return height // stride, width // stride
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
+        """Long[B, h*w] -> uint8 [B, H, W, 3]."""
+        return to_uint8(self.vae.decode(ids.view(-1, *grid)))
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str = "",
+        num_inference_steps: int = 25,
+        guidance_scale: float = 7.0,
+        guidance_trunc: float = 0.9,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        record: bool = False,
+    ) -> PipelineOutput:
+        """Prompts -> images: tokenise, left-pad, sample `num_inference_steps` CTMC steps, decode."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        if generator is None:
+            generator = torch.Generator(device=self.device)
+            if seed is not None:
+                generator.manual_seed(seed)
+        grid = self.grid(height, width)
+        text = self.encode_prompt(prompts)
+        uncond = self.encode_prompt([negative_prompt] * len(prompts)) if guidance_scale != 1.0 else None
+        result = sample_tokens(self.transformer, self.scheduler, text, grid, num_inference_steps, guidance_scale,
+                               guidance_trunc, uncond, generator, record)
+        ids, traj = result if record else (result, None)
+        return PipelineOutput(self.decode(ids, grid), ids, traj)

@@ -1,0 +1,142 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from udm_grpo.data.shapes import BACKGROUND, CLASSES, COLORS, TAGS, generate_records, render_batch, shape_mask
+from udm_grpo.errors import UserError
+from udm_grpo.rewards.base import Reward, RewardOutput
+from udm_grpo.rewards.shapeeval import ShapeEvalReward, detect, evaluate_images, score_images
+
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def wrong_records(rec: dict) -> list[dict]:
+    """Records that a faithful render of `rec` must fail (different count, class, colour or relation)."""
+    out = []
+    inc = rec["include"]
+    if rec["tag"] == "counting":
+        n = inc[0]["count"]
+        for m in (n - 1, n + 1):
+            r = copy.deepcopy(rec)
+            r["include"][0]["count"], r["exclude"][0]["count"] = m, m + 1
+            out.append(r)
+    other = next(c for c in CLASSES if c not in {c["class"] for c in inc})
+    r = copy.deepcopy(rec)
+    r["include"][-1]["class"] = other
+    out.append(r)
+    for i, clause in enumerate(inc):
+        if "color" in clause:
+            used = {c.get("color") for c in inc}
+            r = copy.deepcopy(rec)
+            r["include"][i]["color"] = next(c for c in COLORS if c not in used)
+            out.append(r)
+        if "position" in clause:
+            r = copy.deepcopy(rec)
+            r["include"][i]["position"][0] = OPPOSITE[clause["position"][0]]
+            out.append(r)
+    if rec["tag"] == "color_attr":
+        r = copy.deepcopy(rec)
+        r["include"][0]["color"], r["include"][1]["color"] = inc[1]["color"], inc[0]["color"]
+        out.append(r)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_exact_on_every_test_record(seed):
+    records = generate_records("test")
+    images = render_batch(records, np.random.default_rng(seed))
+    scores, strict, details = score_images(images, records)
+    failed = [(r["prompt"], d["reasons"]) for r, s, d in zip(records, strict, details) if not s]
+    assert not failed
+    assert (scores == 1.0).all()
+
+
+def test_exact_on_the_whole_prompt_space():
+    records = generate_records("all")
+    scores, strict, _ = score_images(render_batch(records, np.random.default_rng(7)), records)
+    assert strict.all() and (scores == 1.0).all()
+
+
+def test_rejects_renders_of_other_records():
+    records = generate_records("test")
+    images = render_batch(records, np.random.default_rng(3))
+    pairs = [(im, w) for im, rec in zip(images, records) for w in wrong_records(rec)]
+    assert len(pairs) > 2 * len(records)
+    _, strict, _ = score_images(np.stack([p[0] for p in pairs]), [p[1] for p in pairs])
+    assert not strict.any()
+
+
+def test_detections_are_exact():
+    rec = {"tag": "position", "include": [{"class": "square", "count": 1, "color": "green"},
+                                          {"class": "triangle", "count": 1, "color": "orange",
+                                           "position": ["left of", 0]}], "prompt": "p"}
+    image = render_batch([rec], np.random.default_rng(0))[0]
+    dets = sorted(detect(image), key=lambda d: d.cls)
+    assert [(d.cls, d.color, d.score) for d in dets] == [("square", "green", 1.0),
+                                                         ("triangle", "orange", 1.0)]
+    for d in dets:
+        x0, y0, x1, y1 = (int(v) for v in d.box)
+        assert d.mask.shape == (64, 64) and d.mask.sum() == d.mask[y0:y1, x0:x1].sum()
+        assert (image[d.mask] == COLORS[d.color]).all()
+    assert dets[1].box[2] <= dets[0].box[0]
+
+
+def test_touching_shapes_of_two_colours_are_split():
+    image = np.full((64, 64, 3), BACKGROUND, np.uint8)
+    image[10:26, 10:26] = COLORS["red"]
+    image[10:26, 26:42] = COLORS["blue"]  # shares an edge with the red square
+    image[40:56, 10:26][shape_mask("circle", 16, 16)] = COLORS["yellow"]
+    found = sorted((d.cls, d.color) for d in detect(image))
+    assert found == [("circle", "yellow"), ("square", "blue"), ("square", "red")]
+
+
+def test_ignores_specks_and_tolerates_noise():
+    records = generate_records("test")
+    images = render_batch(records, np.random.default_rng(4))
+    noisy = np.clip(images + np.random.default_rng(0).normal(0, 8, images.shape), 0, 255).astype(np.uint8)
+    noisy[:, 0:2, 0:2] = COLORS["red"]  # 4-pixel specks are not objects
+    _, strict, _ = score_images(noisy, records)
+    assert strict.all()
+
+
+def test_reward_protocol():
+    records = generate_records("test")[:8]
+    images = torch.from_numpy(render_batch(records, np.random.default_rng(0)))
+    images[4:] = torch.tensor(BACKGROUND, dtype=torch.uint8)  # empty scenes fail
+    reward = ShapeEvalReward()
+    assert isinstance(reward, Reward)
+    out = reward(images, [r["prompt"] for r in records], records)
+    assert isinstance(out, RewardOutput) and out.scores.dtype == torch.float32 and out.scores.shape == (8,)
+    assert set(out.values) == {"strict", "score"}
+    assert out.values["strict"].tolist() == [1.0] * 4 + [0.0] * 4
+    assert torch.equal(out.scores, out.values["score"])
+    strict = ShapeEvalReward(strict=True)(images.numpy(), [r["prompt"] for r in records], records)
+    assert torch.equal(strict.scores, out.values["strict"])
+
+
+def test_reward_input_errors():
+    records = generate_records("test")[:2]
+    images = render_batch(records, np.random.default_rng(0))
+    reward = ShapeEvalReward()
+    with pytest.raises(UserError, match="metadata record"):
+        reward(images, ["a", "b"], [records[0], None])
+    with pytest.raises(UserError, match="mismatch"):
+        reward(images, ["a"], records[:1])
+    with pytest.raises(UserError, match="uint8"):
+        reward(images.astype(np.float32) / 255, ["a", "b"], records)
+
+
+def test_evaluate_images_summary():
+    records = generate_records("test")
+    images = render_batch(records, np.random.default_rng(0))
+    images[[i for i, r in enumerate(records) if r["tag"] == "single_object"]] = BACKGROUND
+    summary = evaluate_images(images, records)
+    assert list(summary["per_tag"]) == list(TAGS)
+    assert summary["per_tag"]["single_object"]["strict"] == 0.0
+    assert summary["per_tag"]["position"] == {"strict": 1.0, "score": 1.0, "n": 80}
+    overall = summary["overall"]
+    assert overall["n"] == len(records)
+    assert overall["strict"] == pytest.approx(5 / 6)  # mean over tags, as GenEval's overall score
+    assert overall["strict_images"] == pytest.approx(1 - 1 / len(records))

@@ -1,0 +1,66 @@
+"""The reward contract: `reward(images, prompts, metadata) -> RewardOutput`.
+
+`scores` is what GRPO optimises; `values` are logged (one float[B] per name).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+
+@dataclass
+class RewardOutput:
+    """scores: Float32[B]; values: name -> Float32[B] (logged, not optimised)."""
+
+    scores: torch.Tensor
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.scores = _float_vector(self.scores, "scores")
+        self.values = {k: _float_vector(v, f"values[{k!r}]") for k, v in self.values.items()}
+        for k, v in self.values.items():
+            if v.shape != self.scores.shape:
+                raise ValueError(f"RewardOutput values[{k!r}] has shape {tuple(v.shape)}, "
+                                 f"scores has {tuple(self.scores.shape)}.")
+
+
+def _float_vector(x: Any, name: str) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).to(torch.float32)
+    if t.dim() != 1:
+        raise ValueError(f"RewardOutput {name} must be a vector [B], got shape {tuple(t.shape)}.")
+    return t
+
+
+@runtime_checkable
+class Reward(Protocol):
+    """Anything callable as reward(images uint8 [B, H, W, 3], prompts, metadata) -> RewardOutput."""
+
+    def __call__(self, images: torch.Tensor | np.ndarray, prompts: list[str],
+                 metadata: list[dict | None]) -> RewardOutput: ...
+
+
+def to_uint8_images(images: Any) -> np.ndarray:
+    """uint8 torch tensor / numpy array [B, H, W, 3] (or a list of HxWx3 images) -> numpy uint8."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    elif isinstance(images, list | tuple):
+        images = np.stack([np.asarray(im) for im in images]) if images else np.zeros((0, 1, 1, 3), np.uint8)
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise UserError(f"rewards take uint8 images [B, H, W, 3]; got {images.dtype} "
+                        f"with shape {images.shape}.")
+    return images
+
+
+def check_batch(images: np.ndarray, prompts: list[str], metadata: list | None) -> None:
+    """Raise UserError unless images, prompts and metadata have the same length."""
+    n_meta = len(metadata) if metadata is not None else len(prompts)
+    if not len(images) == len(prompts) == n_meta:
+        raise UserError(f"reward batch mismatch: {len(images)} images, {len(prompts)} prompts, "
+                        f"{n_meta} metadata records.")

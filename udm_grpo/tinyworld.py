@@ -28,7 +28,7 @@ from .config import (
     register_section,
     section,
 )
-from .data.shapes import generate_records, render
+from .data.shapes import generate_records, render, sample_records
 from .data.text_tokenizer import build_word_tokenizer, tiny_world_vocabulary
 from .diffusion.loss import pretraining_loss
 from .diffusion.paths import MetricPath
@@ -57,7 +57,7 @@ class TinyWorldConfig:
     seed: int = opt(0, NONNEG_INT, "seed of everything (data, tokenizer fit, init, noise)")
     image_size: int = opt(64, POS_INT, "image side in pixels")
     patch_size: int = opt(8, POS_INT, "patch tokenizer stride")
-    codebook_size: int = opt(256, int_rule(2), "patch codebook entries K")
+    codebook_size: int = opt(1024, int_rule(2), "patch codebook entries K")
     tokenizer_images: int = opt(3000, POS_INT, "rendered scenes used to fit the codebook")
     max_prompt_length: int = opt(16, POS_INT, "text tokens (left-padded)")
     hidden_size: int = opt(256, POS_INT, "transformer width")
@@ -139,7 +139,6 @@ def pretrain(pipe: URSAPipeline, cfg: TinyWorldConfig, log=print, progress: bool
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed + 1)
     gen = torch.Generator().manual_seed(cfg.seed + 2)
-    train = generate_records("train", None, cfg.seed)
     test = generate_records("test", None, cfg.seed)
     eval_records = [test[i] for i in np.random.default_rng(0).permutation(len(test))[: cfg.eval_prompts]]
     model, grid = pipe.transformer, pipe.grid(cfg.image_size, cfg.image_size)
@@ -156,7 +155,7 @@ def pretrain(pipe: URSAPipeline, cfg: TinyWorldConfig, log=print, progress: bool
     history, start = [], time.time()
     bar = tqdm(range(cfg.steps), desc="pretrain", disable=not progress)
     for step in bar:
-        batch = [train[i] for i in rng.integers(0, len(train), cfg.batch_size)]
+        batch = sample_records("train", cfg.batch_size, rng, balance_tags=True)
         with torch.no_grad():
             x1 = pipe.vae.encode(_render_records(batch, rng)).flatten(1)
         text = pipe.encode_prompt([r["prompt"] for r in batch])

@@ -22,7 +22,8 @@ def load_prompts(source: str) -> list[dict]:
         split = source.split(":", 1)[1]
         if split not in ("train", "test"):
             raise UserError(f"prompt source '{source}': the tiny world's splits are 'shapes:train' and 'shapes:test'.")
-        return generate_records(split, None, 0)
+        records = generate_records(split, None, 0)
+        return balance_tags(records) if split == "train" else records
     path = Path(source)
     if not path.is_file():
         raise UserError(f"prompt file {path} does not exist.")
@@ -43,6 +44,15 @@ def load_prompts(source: str) -> list[dict]:
     if not records:
         raise UserError(f"prompt file {path} holds no prompts.")
     return records
+
+
+def balance_tags(records: list[dict]) -> list[dict]:
+    """Repeat each tag's records (cycling) up to the largest tag's count, so every tag is equally frequent."""
+    by_tag: dict[str, list[dict]] = {}
+    for r in records:
+        by_tag.setdefault(r.get("tag", ""), []).append(r)
+    size = max(len(group) for group in by_tag.values())
+    return [group[i % len(group)] for group in by_tag.values() for i in range(size)]
 
 
 class PromptStream:

@@ -149,3 +149,26 @@ def test_forward_process_states_follow_marginal():
         assert 0.5 * (freq - expected).abs().sum() < 0.02
     naive = training_states(ro, [1], path, False, False, None)[0]
     assert torch.equal(naive.states, ro.states[1]) and torch.equal(naive.actions, ro.predictions[1])
+
+
+def test_ablation_ladder_writes_table_and_plot(tmp_path):
+    from udm_grpo.grpo.ablation import VARIANTS, run_ablation
+
+    cfg = make_config(tmp_path)
+    overrides = [f"data.train={cfg.data.train}", f"data.test={cfg.data.test}", "experiment.eval_every=2",
+                 "experiment.save_every=0", "sampling.rollout.height=16", "sampling.rollout.width=16",
+                 "sampling.num_prompts_per_step=2", "sampling.num_images_per_prompt=2", "sampling.train_steps=1",
+                 "sampling.train_start=[0,2]", "sampling.rollout.num_inference_steps=3", "model.dtype=float32",
+                 "training.mixed_precision=no", "model.gradient_checkpointing=0",
+                 "experiment.num_eval_prompts=2", "experiment.eval_num_inference_steps=2"]
+    rows = run_ablation(None, overrides, tmp_path / "abl", steps=2, cfg_scale=2.0, make_trainer=trainer)
+    assert [r["variant"] for r in rows] == list(VARIANTS)
+    table = (tmp_path / "abl" / "ablation.md").read_text()
+    assert all(name in table for name in VARIANTS)
+    assert (tmp_path / "abl" / "ablation.png").stat().st_size > 0
+    # The CFG variants ran guided rollouts, the last one did not.
+    import yaml
+
+    guidance = [yaml.safe_load((tmp_path / "abl" / v / "config.yaml").read_text())["sampling"]["rollout"]
+                ["guidance_scale"] for v in VARIANTS]
+    assert guidance == [2.0, 2.0, 2.0, 1.0]

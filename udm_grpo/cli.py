@@ -15,6 +15,7 @@ from .errors import UserError
 # name -> (module, one-line help). A module defines `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("udm_grpo.commands.train", "UDM-GRPO fine-tuning (default: the tiny world with ShapeEval)"),
+    "ablate": ("udm_grpo.commands.ablate", "train the paper's ablation ladder and write a table and plot"),
     "pretrain": ("udm_grpo.commands.pretrain", "build and pretrain a tiny-world URSA model from scratch"),
     "sample": ("udm_grpo.commands.sample", "prompts -> a PNG grid of samples"),
     "eval": ("udm_grpo.commands.evaluate", "evaluate a model (eval shapes: ShapeEval on the tiny world)"),

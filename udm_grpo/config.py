@@ -63,6 +63,9 @@ def choice(*values: str) -> Rule:
 
 
 POS_INT, NONNEG_INT = int_rule(1), int_rule(0)
+# YAML reads a bare `no` as false; accept it as the "no" it was meant to be.
+MIXED_PRECISION = Rule("one of 'no', 'bf16'", lambda v: v is False or v in ("no", "bf16"),
+                       lambda v: "no" if v is False else v)
 POS_FLOAT = float_rule("a positive number", lambda v: v > 0)
 NONNEG_FLOAT = float_rule("a non-negative number", lambda v: v >= 0)
 BOOL = Rule("true or false", lambda v: isinstance(v, bool))
@@ -143,7 +146,7 @@ class TrainingConfig:
     weight_decay: float = opt(0.01, NONNEG_FLOAT, "AdamW weight decay")
     max_grad_norm: float | None = opt(1.0, optional(POS_FLOAT), "global gradient-norm clip; null = off")
     seed: int = opt(1337, NONNEG_INT, "base seed (per-rank streams derive from it)")
-    mixed_precision: str = opt("bf16", choice("no", "bf16"), "autocast precision")
+    mixed_precision: str = opt("bf16", MIXED_PRECISION, "autocast precision")
     max_nonfinite: int = opt(3, POS_INT, "stop after this many consecutive non-finite steps")
 
 

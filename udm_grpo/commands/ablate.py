@@ -1,0 +1,32 @@
+"""`udm-grpo ablate`: the paper's ladder (naive -> +clean action -> +forward states -> +CFG-free)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .train import DEFAULT_CONFIG
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides shared by all variants")
+    p.add_argument("--config", default=None, help=f"YAML run config (default: {DEFAULT_CONFIG.name})")
+    p.add_argument("-o", "--output", default="runs/ablation", help="folder for the runs, table and plot")
+    p.add_argument("--steps", type=int, default=40, help="optimiser steps per variant (default 40)")
+    p.add_argument("--cfg-scale", type=float, default=3.0, help="rollout guidance of the CFG variants")
+    p.add_argument("--variants", nargs="+", default=None, help="a subset of the ladder")
+
+
+def run(args) -> int:
+    from ..errors import UserError
+    from ..grpo.ablation import VARIANTS, run_ablation
+
+    unknown = [v for v in args.variants or [] if v not in VARIANTS]
+    if unknown:
+        raise UserError(f"unknown variant '{unknown[0]}'; choose from {', '.join(VARIANTS)}.")
+    if args.steps < 1:
+        raise UserError(f"--steps must be >= 1, got {args.steps}.")
+    run_ablation(args.config or DEFAULT_CONFIG, args.overrides, Path(args.output), args.steps, args.cfg_scale,
+                 args.variants)
+    print((Path(args.output) / "ablation.md").read_text())
+    return 0

@@ -1,0 +1,70 @@
+"""The tiny world: deterministic pretraining, the shipped base model, `sample` and `eval shapes`."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from udm_grpo.cli import main
+from udm_grpo.data.shapes import generate_records
+from udm_grpo.models.pipeline import URSAPipeline
+from udm_grpo.tinyworld import SHIPPED_MODEL, SamplingDefaults, evaluate_shapes
+
+SMALL = ["steps=2", "tokenizer_images=40", "codebook_size=32", "hidden_size=32", "intermediate_size=64",
+         "num_hidden_layers=1", "num_attention_heads=2", "num_key_value_heads=1", "head_dim=16",
+         "batch_size=4", "warmup_steps=1", "eval_every=2", "eval_prompts=3", "sampling.num_inference_steps=2"]
+
+shipped = pytest.mark.skipif(not (SHIPPED_MODEL / "model_index.json").is_file(),
+                             reason="the shipped tiny-world model is not built")
+
+
+def test_pretrain_is_deterministic(tmp_path):
+    for name in ("a", "b"):
+        assert main(["pretrain", "-o", str(tmp_path / name), *SMALL]) == 0
+    wa = load_file(str(tmp_path / "a" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    log = json.loads((tmp_path / "a" / "pretrain_log.json").read_text())
+    assert log["history"][-1]["step"] == 2
+    pipe = URSAPipeline.from_pretrained(tmp_path / "a")
+    assert pipe.vae.num_embeddings == 32 and pipe.scheduler.num_embeddings == 32
+    assert main(["pretrain", "-o", str(tmp_path / "a"), *SMALL]) == 2  # exists: refuses without --force
+
+
+@shipped
+def test_shipped_model_loads_and_generates():
+    pipe = URSAPipeline.from_pretrained(SHIPPED_MODEL)
+    out = pipe(["a photo of a red circle", "a photo of two blue squares"], num_inference_steps=4, guidance_scale=1.0,
+               seed=0)
+    assert out.images.shape == (2, 64, 64, 3) and out.images.dtype == np.uint8
+    size = sum(p.stat().st_size for p in SHIPPED_MODEL.rglob("*") if p.is_file())
+    assert size < 30 * 2**20
+
+
+@shipped
+def test_shipped_model_reproduces_recorded_accuracy():
+    record = json.loads((SHIPPED_MODEL / "base_eval.json").read_text())["quick"]
+    pipe = URSAPipeline.from_pretrained(SHIPPED_MODEL)
+    records = generate_records("test")
+    summary, _ = evaluate_shapes(pipe, records, record["images_per_prompt"], record["seed"],
+                                 SamplingDefaults(**record["sampling"]))
+    n = summary["overall"]["n"]
+    p = record["strict_images"]
+    tolerance = 3 * math.sqrt(max(p * (1 - p), 0.01) / n)
+    assert abs(summary["overall"]["strict_images"] - p) <= tolerance
+
+
+@shipped
+def test_sample_and_eval_commands(tmp_path):
+    assert main(["sample", "a photo of a red circle", "-n", "2", "--steps", "3", "-o", str(tmp_path / "g.png")]) == 0
+    assert (tmp_path / "g.png").stat().st_size > 0
+    meta = tmp_path / "meta.jsonl"
+    meta.write_text("".join(json.dumps(r) + "\n" for r in generate_records("test")[:4]))
+    assert main(["eval", "shapes", "--metadata", str(meta), "-n", "1", "--steps", "3",
+                 "-o", str(tmp_path / "ev")]) == 0
+    result = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert result["prompts"] == 4 and 0 <= result["overall"]["strict"] <= 1
+    assert (tmp_path / "ev" / "grid.png").is_file()

@@ -190,6 +190,9 @@ class UDMGRPOTrainer:
             metrics["grad_norm"] = grad_norm
         timer["train"] = time.perf_counter()
         self.nonfinite = 0
+        if self.world > 1:  # per-process means -> means over all processes (equal shares)
+            reduced = self.acc.reduce(torch.tensor(list(sums.values()), device=self.acc.device), "mean")
+            sums = dict(zip(sums, reduced.tolist(), strict=True))
         metrics.update(sums)
         metrics.update(self._times(timer))
         metrics["train_steps"] = f"{steps[0]}-{steps[-1]}"

@@ -22,7 +22,7 @@ def run(args) -> int:
     import torch
 
     from ..config import load_config, save_resolved
-    from ..tinyworld import TinyWorldConfig, build_pipeline, pretrain
+    from ..tinyworld import TinyWorldConfig, build_pipeline, pretrain, record_base_eval
 
     cfg = load_config(args.config, args.overrides, schema=TinyWorldConfig)
     out = Path(args.output)
@@ -34,18 +34,17 @@ def run(args) -> int:
     pipe = build_pipeline(cfg)
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
     print(f"transformer: {n_params / 1e6:.2f} M parameters; training {cfg.steps} steps", flush=True)
-    logs: list[str] = []
-
-    def log(line: str) -> None:
-        logs.append(line)
-        print(line, flush=True)
-
-    history = pretrain(pipe, cfg, log=log)
+    history = pretrain(pipe, cfg, log=lambda line: print(line, flush=True))
+    wall = round(time.time() - start, 1)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     pipe.save_pretrained(partial)
     save_resolved(cfg, partial / "pretrain_config.yaml")
-    record = {"wall_seconds": round(time.time() - start, 1), "parameters": n_params, "history": history}
+    if cfg.final_images_per_prompt:
+        print("recording the final accuracy on the test split (base_eval.json)...", flush=True)
+        base_eval = record_base_eval(pipe, cfg.sampling, cfg.final_images_per_prompt)
+        (partial / "base_eval.json").write_text(json.dumps(base_eval, indent=2) + "\n")
+    record = {"wall_seconds": wall, "parameters": n_params, "history": history}
     (partial / "pretrain_log.json").write_text(json.dumps(record, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from udm_grpo.cli import main
+from udm_grpo.data.prompts import balance_tags
 from udm_grpo.data.shapes import generate_records
 from udm_grpo.models.pipeline import URSAPipeline
 from udm_grpo.tinyworld import SHIPPED_MODEL, SamplingDefaults, evaluate_shapes
@@ -16,7 +17,7 @@ from udm_grpo.tinyworld import SHIPPED_MODEL, SamplingDefaults, evaluate_shapes
 SMALL = ["steps=2", "tokenizer_images=40", "codebook_size=32", "hidden_size=32", "intermediate_size=64",
          "num_hidden_layers=1", "num_attention_heads=2", "num_key_value_heads=1", "head_dim=16",
          "batch_size=4", "warmup_steps=1", "eval_every=2", "eval_prompts=3", "sampling.num_inference_steps=2",
-         "final_images_per_prompt=0"]
+         "final_images_per_tag=0"]
 
 shipped = pytest.mark.skipif(not (SHIPPED_MODEL / "model_index.json").is_file(),
                              reason="the shipped tiny-world model is not built")
@@ -49,9 +50,8 @@ def test_shipped_model_loads_and_generates():
 def test_shipped_model_reproduces_recorded_accuracy():
     record = json.loads((SHIPPED_MODEL / "base_eval.json").read_text())["quick"]
     pipe = URSAPipeline.from_pretrained(SHIPPED_MODEL)
-    records = generate_records("test")
-    summary, _ = evaluate_shapes(pipe, records, record["images_per_prompt"], record["seed"],
-                                 SamplingDefaults(**record["sampling"]))
+    records = balance_tags(generate_records("test"), record["images_per_tag"])
+    summary, _ = evaluate_shapes(pipe, records, 1, record["seed"], SamplingDefaults(**record["sampling"]))
     n = summary["overall"]["n"]
     p = record["overall"]["strict_images"]
     tolerance = 3 * math.sqrt(max(p * (1 - p), 0.01) / n)

@@ -172,3 +172,17 @@ def test_ablation_ladder_writes_table_and_plot(tmp_path):
     guidance = [yaml.safe_load((tmp_path / "abl" / v / "config.yaml").read_text())["sampling"]["rollout"]
                 ["guidance_scale"] for v in VARIANTS]
     assert guidance == [2.0, 2.0, 2.0, 1.0]
+
+
+def test_evaluate_reports_tag_means(tmp_path):
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps({"prompt": p, "tag": t}) + "\n"
+                            for p, t in [("red circle", "x"), ("blue square", "x"), ("a blue circle", "y")]))
+    cfg = make_config(tmp_path, **{"data.test": str(test), "experiment.eval_images_per_tag": 3})
+    tr = trainer(cfg)
+    result = tr.evaluate()
+    v = torch.as_tensor(tr._last_eval_images).float().mean(dim=(1, 2, 3)) / 255  # the Brightness values
+    assert [r["tag"] for r in tr.eval_records] == ["x"] * 3 + ["y"] * 3
+    assert result["brightness/x"] == pytest.approx(v[:3].mean().item())
+    assert result["brightness"] == pytest.approx((v[:3].mean().item() + v[3:].mean().item()) / 2)
+    assert result["brightness_images"] == pytest.approx(v.mean().item())

@@ -141,7 +141,8 @@ class TrainingConfig:
     micro_batch_size: int | None = opt(None, optional(POS_INT), "samples per forward/backward; null = all")
     updates_per_rollout: int = opt(1, POS_INT, "optimiser updates per rollout (>1 stores old log-probs)")
     max_steps: int = opt(10000, POS_INT, "optimiser steps")
-    lr: float = opt(1e-6, POS_FLOAT, "AdamW learning rate (constant)")
+    lr: float = opt(1e-6, POS_FLOAT, "AdamW learning rate (constant after the warm-up)")
+    lr_warmup_steps: int = opt(0, NONNEG_INT, "linear learning-rate warm-up steps; 0 = none (the paper)")
     betas: list = opt([0.9, 0.95], BETAS, "AdamW betas")
     weight_decay: float = opt(0.01, NONNEG_FLOAT, "AdamW weight decay")
     max_grad_norm: float | None = opt(1.0, optional(POS_FLOAT), "global gradient-norm clip; null = off")
@@ -160,6 +161,8 @@ class ExperimentConfig:
     sample_every: int = opt(50, NONNEG_INT, "steps between sample grids; 0 = off")
     num_eval_prompts: int = opt(64, POS_INT, "held-out prompts per evaluation")
     eval_images_per_prompt: int = opt(1, POS_INT, "images per held-out prompt")
+    eval_images_per_tag: int | None = opt(None, optional(POS_INT), "tagged prompts: this many held-out images "
+                                          "per tag instead (small tags repeat prompts); null = off")
     eval_num_inference_steps: int = opt(25, POS_INT, "sampling steps of the held-out evaluation")
     eval_guidance_scale: float = opt(1.0, float_rule("a number >= 1", lambda v: v >= 1), "guidance of the evaluation")
     keep_checkpoints: int | None = opt(3, optional(POS_INT), "keep the newest N checkpoints; null = all")

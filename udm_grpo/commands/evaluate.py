@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--metadata", help="GenEval-schema JSONL file to evaluate instead of a split")
     s.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts")
     s.add_argument("-n", "--images-per-prompt", type=int, default=4)
+    s.add_argument("--per-tag", type=int, default=None, metavar="N",
+                   help="instead of -n: N images per tag, cycling through each tag's prompts (balances the "
+                   "noise of small tags)")
     s.add_argument("-o", "--output", default="eval-shapes", help="output folder (default eval-shapes)")
     s.add_argument("--batch-size", type=int, default=64)
     add_model_argument(s)
@@ -26,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from ..data.prompts import balance_tags
     from ..data.shapes import generate_records, read_metadata_jsonl
     from ..images import make_grid, save_png
     from ..tinyworld import evaluate_shapes
@@ -37,6 +41,10 @@ def run(args) -> int:
         records = records[: args.limit]
     if not records:
         raise UserError("no prompts to evaluate.")
+    if args.per_tag is not None:
+        if args.per_tag < 1 or not all("tag" in r for r in records):
+            raise UserError("--per-tag needs a positive count and a 'tag' in every metadata record.")
+        records, args.images_per_prompt = balance_tags(records, args.per_tag), 1
     sampling = sampling_from_args(args)
     pipe = load_pipeline(args.model, args.device)
     summary, images = evaluate_shapes(pipe, records, args.images_per_prompt, args.seed, sampling,
@@ -48,6 +56,7 @@ def run(args) -> int:
         "source": args.metadata or f"split:{args.split}",
         "prompts": len(records),
         "images_per_prompt": args.images_per_prompt,
+        "images_per_tag": args.per_tag,
         "seed": args.seed,
         "sampling": vars(sampling),
         **summary,
@@ -55,9 +64,15 @@ def run(args) -> int:
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(out / "results.json")
-    shown = min(len(records), 16)
-    save_png(make_grid(images[: shown * args.images_per_prompt], nrow=args.images_per_prompt,
-                       labels=[r["prompt"] for r in records[:shown]], scale=2), out / "grid.png")
+    if args.per_tag is not None:  # one row per tag: its first four images
+        tags = list(dict.fromkeys(r["tag"] for r in records))
+        pick = [i for t in tags for i in [j for j, r in enumerate(records) if r["tag"] == t][:4]]
+        grid = make_grid(images[pick], nrow=min(4, args.per_tag), labels=tags, scale=2)
+    else:
+        shown = min(len(records), 16)
+        grid = make_grid(images[: shown * args.images_per_prompt], nrow=args.images_per_prompt,
+                         labels=[r["prompt"] for r in records[:shown]], scale=2)
+    save_png(grid, out / "grid.png")
     for tag, row in sorted(summary["per_tag"].items()):
         print(f"{tag:14s} strict {row['strict']:.3f}  score {row['score']:.3f}  (n={row['n']})")
     o = summary["overall"]

@@ -40,9 +40,9 @@ def run(args) -> int:
     shutil.rmtree(partial, ignore_errors=True)
     pipe.save_pretrained(partial)
     save_resolved(cfg, partial / "pretrain_config.yaml")
-    if cfg.final_images_per_prompt:
+    if cfg.final_images_per_tag:
         print("recording the final accuracy on the test split (base_eval.json)...", flush=True)
-        base_eval = record_base_eval(pipe, cfg.sampling, cfg.final_images_per_prompt)
+        base_eval = record_base_eval(pipe, cfg.sampling, cfg.final_images_per_tag)
         (partial / "base_eval.json").write_text(json.dumps(base_eval, indent=2) + "\n")
     record = {"wall_seconds": wall, "parameters": n_params, "history": history}
     (partial / "pretrain_log.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -46,12 +46,13 @@ def load_prompts(source: str) -> list[dict]:
     return records
 
 
-def balance_tags(records: list[dict]) -> list[dict]:
-    """Repeat each tag's records (cycling) up to the largest tag's count, so every tag is equally frequent."""
+def balance_tags(records: list[dict], size: int | None = None) -> list[dict]:
+    """Exactly `size` records per tag (default: the largest tag's count), cycling through each tag's
+    records in order: small tags repeat prompts, large tags keep their first `size`."""
     by_tag: dict[str, list[dict]] = {}
     for r in records:
         by_tag.setdefault(r.get("tag", ""), []).append(r)
-    size = max(len(group) for group in by_tag.values())
+    size = size or max(len(group) for group in by_tag.values())
     return [group[i % len(group)] for group in by_tag.values() for i in range(size)]
 
 

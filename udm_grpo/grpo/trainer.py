@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, save_resolved
-from ..data.prompts import PromptStream, load_prompts
+from ..data.prompts import PromptStream, balance_tags, load_prompts
 from ..diffusion.sampler import guided_logits
 from ..errors import UserError
 from ..models.pipeline import URSAPipeline
@@ -34,6 +34,14 @@ from .logger import RunLogger, plot_curves
 from .objective import action_log_probs, grpo_loss, token_entropy
 from .rollout import rollout
 from .states import pick_train_steps, training_states
+
+
+def eval_records(records: list[dict], e) -> list[dict]:
+    """The held-out evaluation set: `eval_images_per_tag` images per tag when every record has a tag,
+    else the first `num_eval_prompts` prompts with `eval_images_per_prompt` images each."""
+    if e.eval_images_per_tag and all("tag" in r for r in records):
+        return balance_tags(records, e.eval_images_per_tag)
+    return [x for x in records[: e.num_eval_prompts] for _ in range(e.eval_images_per_prompt)]
 
 
 class TrainingError(RuntimeError):
@@ -98,7 +106,7 @@ class UDMGRPOTrainer:
         self.generator = torch.Generator(device=self.acc.device).manual_seed(c.training.seed + 1000 * self.rank)
         train_source = c.data.train or "shapes:train"
         self.data = PromptStream(load_prompts(train_source), c.training.seed, c.data.shuffle)
-        self.test_records = load_prompts(c.data.test or "shapes:test")[: c.experiment.num_eval_prompts]
+        self.eval_records = eval_records(load_prompts(c.data.test or "shapes:test"), c.experiment)
         self.step, self.nonfinite, self.skipped = 0, 0, 0
         self.run_dir = Path(c.experiment.output_dir)
         self.logger = None
@@ -186,6 +194,8 @@ class UDMGRPOTrainer:
             if not finite or not math.isfinite(grad_norm):
                 self.optimizer.zero_grad(set_to_none=True)
                 return self._skip({**metrics, **sums}, "non-finite loss or gradient", timer)
+            for group in self.optimizer.param_groups:  # a function of the step: resumes exactly
+                group["lr"] = c.training.lr * min(1.0, (self.step + 1) / max(1, c.training.lr_warmup_steps))
             self.optimizer.step()
             metrics["grad_norm"] = grad_norm
         timer["train"] = time.perf_counter()
@@ -214,9 +224,10 @@ class UDMGRPOTrainer:
     # ---- evaluation and samples -------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out prompts (never optimised), fixed seed: mean reward, and strict accuracy when reported."""
-        e = self.cfg.experiment
-        records = [x for x in self.test_records for _ in range(e.eval_images_per_prompt)]
+        """Held-out prompts (never optimised), fixed seed. Per reward value: the mean over images
+        (`NAME_images`) and, for tagged prompts, per tag (`NAME/TAG`) and their mean (`NAME`, GenEval's
+        overall); `score` is the reward's own score."""
+        e, records = self.cfg.experiment, self.eval_records
         per = math.ceil(len(records) / self.world)
         local = records[self.rank * per: (self.rank + 1) * per]
         gen = torch.Generator(device=self.acc.device).manual_seed(12345 + self.rank)
@@ -225,19 +236,30 @@ class UDMGRPOTrainer:
                      e.eval_num_inference_steps, e.eval_guidance_scale, r.guidance_trunc, r.height, r.width, gen,
                      r.batch_size)
         out = self.reward(ro.images, ro.prompts, ro.metadata)
-        result = {"score": self.acc.gather(torch.as_tensor(out.scores).float().to(self.acc.device)).mean().item()}
+        result = {"score": self._gather_all(out.scores, len(records)).mean().item()}
+        tags = [x.get("tag") for x in records]
         for name, values in out.values.items():
-            result[name] = self.acc.gather(torch.as_tensor(values).float().to(self.acc.device)).mean().item()
+            v = self._gather_all(values, len(records))
+            result[f"{name}_images"] = v.mean().item()
+            if all(tags):
+                by_tag = {t: v[[i for i, x in enumerate(tags) if x == t]].mean().item() for t in dict.fromkeys(tags)}
+                result[name] = sum(by_tag.values()) / len(by_tag)
+                result.update({f"{name}/{t}": m for t, m in by_tag.items()})
         self._last_eval_images = ro.images
         return result
+
+    def _gather_all(self, values, n: int) -> torch.Tensor:
+        """Float[n]: per-process values (contiguous shares, only trailing ones short) from every process."""
+        local = torch.as_tensor(values).float().to(self.acc.device)
+        return self.acc.gather(self.acc.pad_across_processes(local)).cpu()[:n]
 
     def _save_samples(self) -> None:
         from ..images import make_grid, save_png
 
         if self.acc.is_main_process and getattr(self, "_last_eval_images", None) is not None:
-            n = min(16, len(self._last_eval_images))
-            labels = [x["prompt"] for x in self.test_records[:n]]
-            save_png(make_grid(self._last_eval_images[:n], nrow=4, scale=2),
+            pick = sorted(set(torch.linspace(0, len(self._last_eval_images) - 1, 16).long().tolist()))
+            labels = [self.eval_records[i]["prompt"] for i in pick]
+            save_png(make_grid(self._last_eval_images[pick], nrow=4, scale=2),
                      self.run_dir / "samples" / f"step-{self.step:06d}.png")
             (self.run_dir / "samples" / f"step-{self.step:06d}.txt").write_text("\n".join(labels) + "\n")
 

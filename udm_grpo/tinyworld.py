@@ -22,6 +22,7 @@ from .config import (
     NONNEG_INT,
     POS_FLOAT,
     POS_INT,
+    choice,
     float_rule,
     int_rule,
     opt,
@@ -67,7 +68,7 @@ class TinyWorldConfig:
     num_key_value_heads: int = opt(2, POS_INT, "key/value heads (GQA)")
     head_dim: int = opt(64, POS_INT, "per-head width")
     path_alpha: float = opt(0.9, POS_FLOAT, "metric path alpha")
-    path_c: float = opt(3.0, POS_FLOAT, "metric path c")
+    path_c: float = opt(10.0, POS_FLOAT, "metric path c (URSA: 3 for its IBQ codebook)")
     shift: float = opt(1.0, POS_FLOAT, "timestep shift lambda")
     steps: int = opt(3000, POS_INT, "optimiser steps")
     batch_size: int = opt(32, POS_INT, "scenes per step")
@@ -77,6 +78,7 @@ class TinyWorldConfig:
     caption_dropout: float = opt(0.1, float_rule("a number in [0, 1]", lambda v: 0 <= v <= 1), "CFG dropout")
     eval_every: int = opt(500, POS_INT, "steps between ShapeEval evaluations")
     eval_prompts: int = opt(96, POS_INT, "test-split prompts per evaluation")
+    save_dtype: str = opt("float16", choice("float32", "float16", "bfloat16"), "transformer weights on disk")
     final_images_per_tag: int = opt(64, NONNEG_INT, "test images per tag of the final base_eval.json (0: skip)")
     sampling: SamplingDefaults = section(SamplingDefaults)
 

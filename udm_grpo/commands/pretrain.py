@@ -22,6 +22,7 @@ def run(args) -> int:
     import torch
 
     from ..config import load_config, save_resolved
+    from ..models.pipeline import URSAPipeline
     from ..tinyworld import TinyWorldConfig, build_pipeline, pretrain, record_base_eval
 
     cfg = load_config(args.config, args.overrides, schema=TinyWorldConfig)
@@ -38,11 +39,13 @@ def run(args) -> int:
     wall = round(time.time() - start, 1)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
+    pipe.transformer.to(getattr(torch, cfg.save_dtype))
     pipe.save_pretrained(partial)
     save_resolved(cfg, partial / "pretrain_config.yaml")
     if cfg.final_images_per_tag:
         print("recording the final accuracy on the test split (base_eval.json)...", flush=True)
-        base_eval = record_base_eval(pipe, cfg.sampling, cfg.final_images_per_tag)
+        saved = URSAPipeline.from_pretrained(partial)  # what users will load
+        base_eval = record_base_eval(saved, cfg.sampling, cfg.final_images_per_tag)
         (partial / "base_eval.json").write_text(json.dumps(base_eval, indent=2) + "\n")
     record = {"wall_seconds": wall, "parameters": n_params, "history": history}
     (partial / "pretrain_log.json").write_text(json.dumps(record, indent=2) + "\n")

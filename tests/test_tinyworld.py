@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -69,3 +70,12 @@ def test_sample_and_eval_commands(tmp_path):
     result = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert result["prompts"] == 4 and 0 <= result["overall"]["strict"] <= 1
     assert (tmp_path / "ev" / "grid.png").is_file()
+    # A training checkpoint's transformer replaces the model's (here: a copy of the shipped one).
+    shutil.copytree(SHIPPED_MODEL / "transformer", tmp_path / "run" / "checkpoints" / "step-000001" / "transformer")
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step-000001")
+    assert main(["eval", "shapes", "--metadata", str(meta), "-n", "1", "--steps", "3", "--checkpoint",
+                 str(tmp_path / "run"), "-o", str(tmp_path / "ev2")]) == 0
+    again = json.loads((tmp_path / "ev2" / "results.json").read_text())
+    assert again["overall"] == result["overall"]
+    bad = ["sample", "a photo of a red circle", "--checkpoint", str(tmp_path), "-o", str(tmp_path / "x.png")]
+    assert main(bad) == 2

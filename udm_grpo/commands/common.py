@@ -11,10 +11,13 @@ from ..errors import UserError
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="pipeline folder in the URSA layout (default: the shipped tiny-world model)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="a training checkpoint (RUN/checkpoints/step-N, or RUN to take its latest) whose "
+                        "transformer replaces the model's")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
 
-def load_pipeline(model: str | None, device: str = "cpu"):
+def load_pipeline(model: str | None, device: str = "cpu", checkpoint: str | None = None):
     import torch
 
     from ..models.pipeline import URSAPipeline
@@ -25,7 +28,19 @@ def load_pipeline(model: str | None, device: str = "cpu"):
     if model is None and not (folder / "model_index.json").is_file():
         raise UserError(f"the shipped tiny-world model is missing at {folder}; rebuild it with "
                         "`udm-grpo pretrain --output udm_grpo/assets/tiny-world`.")
-    return URSAPipeline.from_pretrained(folder, device=device)
+    pipe = URSAPipeline.from_pretrained(folder, device=device)
+    if checkpoint:
+        from ..grpo.checkpoint import resolve_resume
+        from ..models.transformer import URSATransformer
+
+        ckpt = Path(checkpoint)
+        if (ckpt / "checkpoints").is_dir():
+            ckpt = resolve_resume("latest", ckpt / "checkpoints")
+        if not (ckpt / "transformer").is_dir():
+            raise UserError(f"--checkpoint {checkpoint}: no transformer/ folder (LoRA adapter checkpoints are "
+                            "not supported here yet).")
+        pipe.transformer = URSATransformer.from_pretrained(ckpt / "transformer", device=device)
+    return pipe
 
 
 def sampling_arguments(parser: argparse.ArgumentParser) -> None:

@@ -46,13 +46,14 @@ def run(args) -> int:
             raise UserError("--per-tag needs a positive count and a 'tag' in every metadata record.")
         records, args.images_per_prompt = balance_tags(records, args.per_tag), 1
     sampling = sampling_from_args(args)
-    pipe = load_pipeline(args.model, args.device)
+    pipe = load_pipeline(args.model, args.device, args.checkpoint)
     summary, images = evaluate_shapes(pipe, records, args.images_per_prompt, args.seed, sampling,
                                       args.batch_size, progress=True)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     result = {
         "model": args.model or "shipped tiny-world model",
+        "checkpoint": args.checkpoint,
         "source": args.metadata or f"split:{args.split}",
         "prompts": len(records),
         "images_per_prompt": args.images_per_prompt,

@@ -35,7 +35,7 @@ def run(args) -> int:
     if args.images_per_prompt < 1:
         raise UserError(f"--images-per-prompt must be >= 1, got {args.images_per_prompt}.")
     sampling = sampling_from_args(args)
-    pipe = load_pipeline(args.model, args.device)
+    pipe = load_pipeline(args.model, args.device, args.checkpoint)
     gen = torch.Generator(device=pipe.device).manual_seed(args.seed)
     start = time.perf_counter()
     out = pipe(prompts, num_images_per_prompt=args.images_per_prompt, generator=gen,

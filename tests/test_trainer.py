@@ -186,3 +186,23 @@ def test_evaluate_reports_tag_means(tmp_path):
     assert result["brightness/x"] == pytest.approx(v[:3].mean().item())
     assert result["brightness"] == pytest.approx((v[:3].mean().item() + v[3:].mean().item()) / 2)
     assert result["brightness_images"] == pytest.approx(v.mean().item())
+
+
+def test_lora_trains_only_adapters_and_resumes(tmp_path):
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    cfg = make_config(tmp_path, **{"model.lora": lora, "training.max_steps": 2})
+    tr = trainer(cfg)
+    model = tr.acc.unwrap_model(tr.policy).model
+    frozen = {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" not in k}
+    tr.train()
+    after = {k: v.detach().clone() for k, v in model.named_parameters()}
+    assert all(torch.equal(frozen[k], after[k]) for k in frozen)
+    lora_b = [k for k in after if "lora_B" in k]
+    assert lora_b and max(after[k].abs().max().item() for k in lora_b) > 0  # lora_B starts at zero
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["kl"] == 0.0  # the reference is the adapter-disabled base: equal to the policy at step 1
+    assert (tmp_path / "run" / "checkpoints" / "step-000002" / "adapter" / "adapter_model.safetensors").is_file()
+    again = trainer(cfg)
+    again.resume("latest")
+    loaded = dict(again.acc.unwrap_model(again.policy).model.named_parameters())
+    assert again.step == 2 and all(torch.equal(after[k], loaded[k].detach()) for k in after)

@@ -70,7 +70,7 @@ class TinyWorldConfig:
     path_alpha: float = opt(0.9, POS_FLOAT, "metric path alpha")
     path_c: float = opt(10.0, POS_FLOAT, "metric path c (URSA: 3 for its IBQ codebook)")
     shift: float = opt(1.0, POS_FLOAT, "timestep shift lambda")
-    steps: int = opt(3000, POS_INT, "optimiser steps")
+    steps: int = opt(2500, POS_INT, "optimiser steps")
     batch_size: int = opt(32, POS_INT, "scenes per step")
     lr: float = opt(1e-3, POS_FLOAT, "peak AdamW learning rate (warm-up, then cosine to 10%)")
     warmup_steps: int = opt(200, NONNEG_INT, "linear warm-up steps")

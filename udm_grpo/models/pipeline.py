@@ -114,6 +114,7 @@ class URSAPipeline:
         self.vae.save_pretrained(folder / "vae")
         self.scheduler.save_pretrained(folder / "scheduler")
         self.tokenizer.save_pretrained(str(folder / "tokenizer"))
+        _portable_tokenizer_class(folder / "tokenizer" / "tokenizer_config.json")
         index = {
             "_class_name": "URSAPipeline",
             "_diffusers_version": "0.32.0",
@@ -178,3 +179,14 @@ class URSAPipeline:
                                guidance_trunc, uncond, generator, record)
         ids, traj = result if record else (result, None)
         return PipelineOutput(self.decode(ids, grid), ids, traj)
+
+
+def _portable_tokenizer_class(config_file: Path) -> None:
+    """transformers 5 writes `tokenizer_class: TokenizersBackend`, a name 4.x cannot resolve; both load
+    a tokenizer.json-backed tokenizer from `PreTrainedTokenizerFast`."""
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config_file.write_text(json.dumps(config, indent=2) + "\n")

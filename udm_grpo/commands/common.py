@@ -28,19 +28,18 @@ def load_pipeline(model: str | None, device: str = "cpu", checkpoint: str | None
     if model is None and not (folder / "model_index.json").is_file():
         raise UserError(f"the shipped tiny-world model is missing at {folder}; rebuild it with "
                         "`udm-grpo pretrain --output udm_grpo/assets/tiny-world`.")
-    pipe = URSAPipeline.from_pretrained(folder, device=device)
+    transformer = None
     if checkpoint:
         from ..grpo.checkpoint import resolve_resume
-        from ..models.transformer import URSATransformer
 
         ckpt = Path(checkpoint)
         if (ckpt / "checkpoints").is_dir():
             ckpt = resolve_resume("latest", ckpt / "checkpoints")
-        if not (ckpt / "transformer").is_dir():
+        transformer = ckpt / "transformer"
+        if not transformer.is_dir():
             raise UserError(f"--checkpoint {checkpoint}: no transformer/ folder (LoRA adapter checkpoints are "
                             "not supported here yet).")
-        pipe.transformer = URSATransformer.from_pretrained(ckpt / "transformer", device=device)
-    return pipe
+    return URSAPipeline.from_pretrained(folder, device=device, transformer=transformer)
 
 
 def sampling_arguments(parser: argparse.ArgumentParser) -> None:

@@ -79,8 +79,10 @@ class URSAPipeline:
     # ---- loading and saving -------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None) -> URSAPipeline:
-        """Load a folder in the official layout. `dtype` applies to the transformer (default float32)."""
+                        dtype: torch.dtype | None = None, transformer: str | Path | None = None) -> URSAPipeline:
+        """Load a folder in the official layout. `dtype` applies to the transformer (default float32);
+        `transformer` names another transformer folder to use instead of `folder/transformer` (e.g. a
+        training checkpoint's), checked against the other components like the folder's own."""
         from transformers import AutoTokenizer
 
         folder = Path(folder)
@@ -96,7 +98,7 @@ class URSAPipeline:
         for name in COMPONENTS:
             if not (folder / name).is_dir():
                 raise CheckpointError(f"{folder}: missing the '{name}/' component folder.")
-        transformer = URSATransformer.from_pretrained(folder / "transformer", dtype=dtype, device=device)
+        transformer = URSATransformer.from_pretrained(transformer or folder / "transformer", dtype=dtype, device=device)
         vae = load_vae(folder / "vae", device=device)
         scheduler = KineticOptimalScheduler.from_pretrained(folder / "scheduler", vae.num_embeddings)
         scheduler.to(device or "cpu")

@@ -3,10 +3,13 @@
 
     python3 dev.py run  [ARGS...]   set up, then `udm-grpo train ARGS` on the tiny world
     python3 dev.py test [ARGS...]   set up, then `ruff check` and `pytest ARGS`
+    python3 dev.py COMMAND [ARGS...]  set up, then any other `udm-grpo COMMAND ARGS`
+                                    (e.g. `python3 dev.py eval shapes --per-tag 64`)
 
-Set-up is skipped when pyproject.toml and constraints.txt have not changed since the last one.
-`constraints.txt` keeps pip on the CPU build of torch; set UDM_GRPO_CONSTRAINTS to another file
-(or to an empty string) to install a different torch.
+The commands are also in the environment: `.venv/bin/udm-grpo ...`, or `source .venv/bin/activate`
+and then `udm-grpo ...`. Set-up is skipped when pyproject.toml and constraints.txt have not changed
+since the last one. `constraints.txt` keeps pip on the CPU build of torch; set UDM_GRPO_CONSTRAINTS to
+another file (or to an empty string) to install a different torch.
 """
 
 from __future__ import annotations
@@ -43,13 +46,15 @@ def setup() -> None:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("run", "test"):
+    if not argv or argv[0] in ("-h", "--help", "help"):
         print(__doc__)
-        return 2
+        return 0 if argv else 2
     setup()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline")
     if argv[0] == "run":
         return subprocess.call([str(BIN / "udm-grpo"), "train", *argv[1:]], env=env)
+    if argv[0] != "test":
+        return subprocess.call([str(BIN / "udm-grpo"), *argv], env=env)
     rc = subprocess.call([str(BIN / "ruff"), "check", "."], cwd=ROOT, env=env)
     if rc:
         return rc

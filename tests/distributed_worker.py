@@ -1,11 +1,13 @@
 """Run by tests/test_distributed.py under torchrun: a few UDM-GRPO steps on the tiny random pipeline.
 
-    python -m torch.distributed.run --standalone --nproc_per_node N -m tests.distributed_worker OUT
+    python -m torch.distributed.run --standalone --nproc_per_node N -m tests.distributed_worker OUT RECIPE
 
-Rollouts are made independent of the process layout (each image drawn with its own generator seeded
-by its global index and the step), so that a run on N processes must reproduce the single-process
-update: the same images, the same group advantages (gathered over processes), the same averaged
-gradient.
+Randomness is made independent of the process layout (each image's rollout and training states drawn
+with generators seeded by its global index and the step; the Reduced-Step start drawn alike on every
+process), so that a run on N processes must reproduce the single-process run: the same images, the same
+group advantages (gathered over processes), the same averaged gradient. The last process gets a
+non-finite loss on its second micro-batch of step 2 (every process must skip that step together), and
+the held-out evaluation has fewer prompts than processes.
 """
 
 from __future__ import annotations
@@ -19,21 +21,30 @@ import torch
 
 from udm_grpo.grpo import trainer as trainer_mod
 from udm_grpo.grpo.rollout import Rollout, rollout
+from udm_grpo.grpo.states import TrainingStates, pick_train_steps
 
 from .test_trainer import Brightness, make_config, trainer
+
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+RECIPES = {
+    "simplified": {"sampling.train_start": [0, 1], "sampling.forward_process": False},
+    "default": {"sampling.train_start": [0, 3], "sampling.forward_process": True},  # the paper's switches
+}
 
 
 def layout_free_rollout():
     calls = {"n": 0}
 
     def run(pipe, model, prompts, metadata, steps, scale, trunc, height, width, generator, batch_size=None):
-        rank, per = int(os.environ.get("RANK", 0)), len(prompts)
+        per = len(prompts)
+        calls["n"] += 1
+        if not per:
+            return rollout(pipe, model, prompts, metadata, steps, scale, trunc, height, width, generator)
         parts = []
         for i in range(per):
-            gen = torch.Generator().manual_seed(10_000 * calls["n"] + rank * per + i)
+            gen = torch.Generator().manual_seed(10_000 * calls["n"] + RANK * per + i)
             parts.append(rollout(pipe, model, prompts[i:i + 1], metadata[i:i + 1], steps, scale, trunc, height,
                                  width, gen))
-        calls["n"] += 1
         first = parts[0]
         return Rollout(prompts, metadata, torch.cat([p.text_ids for p in parts]), None, first.grid,
                        torch.cat([p.final for p in parts]), torch.cat([p.states for p in parts], 1),
@@ -42,15 +53,52 @@ def layout_free_rollout():
     return run
 
 
-def main(out: Path) -> None:
+def layout_free_states():
+    calls = {"n": 0}
+
+    def pick(train_start, train_steps, generator):
+        return pick_train_steps(train_start, train_steps, torch.Generator().manual_seed(777 + calls["n"]))
+
+    def states(ro, steps, path, forward_process, clean_response, generator):
+        calls["n"] += 1
+        per = len(ro)
+        gens = [torch.Generator().manual_seed(20_000 * calls["n"] + RANK * per + i) for i in range(per)]
+        out = []
+        for k in steps:
+            t = float(ro.t[k])
+            x = (torch.cat([path.add_noise(ro.final[i:i + 1], t, g) for i, g in enumerate(gens)])
+                 if forward_process else ro.states[k])
+            out.append(TrainingStates(k, t, x, ro.final if clean_response else ro.predictions[k]))
+        return out
+
+    return pick, states
+
+
+def nan_on_last_process(tr):
+    real, seen = trainer_mod.grpo_loss, {"step": -1, "micro": 0}
+
+    def loss(*args, **kwargs):
+        value, metrics = real(*args, **kwargs)
+        seen["micro"] = seen["micro"] + 1 if seen["step"] == tr.step else 0
+        seen["step"] = tr.step
+        if RANK == WORLD - 1 and tr.step == 1 and seen["micro"] == 1:
+            value = value * float("nan")
+        return value, metrics
+
+    return loss
+
+
+def main(out: Path, recipe: str) -> None:
     torch.set_num_threads(1)
     trainer_mod.rollout = layout_free_rollout()
-    # train_start [0, 1] and the rollout's own states: no per-process randomness in the update.
-    cfg = make_config(out, **{"sampling.train_start": [0, 1], "sampling.forward_process": False,
-                              "training.max_steps": 2, "experiment.save_every": 0, "training.lr": 1e-3})
+    trainer_mod.pick_train_steps, trainer_mod.training_states = layout_free_states()
+    cfg = make_config(out, **RECIPES[recipe], **{
+        "training.max_steps": 3, "experiment.save_every": 0, "training.lr": 1e-3,
+        "experiment.eval_every": 3, "experiment.num_eval_prompts": 1})
     tr = trainer(cfg, Brightness())
+    trainer_mod.grpo_loss = nan_on_last_process(tr)
     tr.train()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2])

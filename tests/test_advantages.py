@@ -82,9 +82,9 @@ def test_clipping():
 def test_group_stats():
     scores = torch.tensor([0.0, 1.0, 0.5, 0.5, 2.0, 4.0])  # prompt-major, G = 2
     stats = group_stats(scores, 2)
-    assert stats["reward_mean"] == pytest.approx(8.0 / 6)
-    assert stats["reward_std"] == pytest.approx(np.std(scores.numpy()))
+    assert stats["mean"] == pytest.approx(8.0 / 6)
+    assert stats["std"] == pytest.approx(np.std(scores.numpy()))
     assert stats["group_std_mean"] == pytest.approx((0.5 + 0.0 + 1.0) / 3)
     assert stats["zero_var_frac"] == pytest.approx(1 / 3)
-    assert stats["reward_min"] == 0.0 and stats["reward_max"] == 4.0
+    assert stats["min"] == 0.0 and stats["max"] == 4.0
     assert all(isinstance(v, float) for v in stats.values())

@@ -32,6 +32,8 @@ def test_help_and_version(capsys):
     (["sample", "x", "--steps", "0"], "--steps"),
     (["eval", "shapes", "--metadata", "/nonexistent.jsonl"], "/nonexistent.jsonl"),
     (["sample", "x", "--model", "/nonexistent-model"], "/nonexistent-model"),
+    (["sample", ""], "prompt 1 is blank"),
+    (["sample", "x", "--device", "banana"], "--device banana"),
 ])
 def test_bad_input_is_one_sentence_exit_2(args, needle):
     result = run_cli(*args)
@@ -45,3 +47,51 @@ def test_train_check_prints_plan():
     result = run_cli("train", "--check")
     assert result.returncode == 0, result.stderr
     assert "images/step" in result.stdout
+
+
+def test_template_is_current_and_loads_as_the_tiny_world_defaults():
+    from udm_grpo.commands.train import DEFAULT_CONFIG, ROOT_TEMPLATE, template_text
+    from udm_grpo.config import config_to_dict, describe_schema, load_config
+
+    text = template_text()
+    assert ROOT_TEMPLATE.read_text() == text, "regenerate: udm-grpo train --print-template > configs/template.yaml"
+    assert config_to_dict(load_config(ROOT_TEMPLATE)) == config_to_dict(load_config(DEFAULT_CONFIG))
+    assert all(f"{key.rsplit('.', 1)[1]}:" in text for key, *_ in describe_schema())
+
+
+def test_partial_config_is_layered_on_the_tiny_world(tmp_path):
+    partial = tmp_path / "my.yaml"
+    partial.write_text("training:\n  lr: 1.0e-4\n")
+    result = run_cli("train", "--config", str(partial), "--check")
+    assert result.returncode == 0, result.stderr
+    from udm_grpo.commands.train import DEFAULT_CONFIG
+    from udm_grpo.config import load_config
+
+    cfg = load_config([DEFAULT_CONFIG, partial])
+    assert cfg.training.lr == 1e-4 and cfg.reward.name == "shapeeval"
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "--steps", "-5"], "--steps must be a positive integer, got -5"),
+    (["train", "--resume", "/nonexistent/run"], "--resume /nonexistent/run: no such folder"),
+    (["train", "--check", "reward.name=nope"], "'reward.name' is 'nope'"),
+    (["train", "--check", "reward.params={colour: 1}"], "reward.params"),
+    (["train", "--check", "model.path=/nonexistent/model"], "/nonexistent/model: no such model folder"),
+    (["train", "--check", "data.test=/nonexistent.jsonl"], "/nonexistent.jsonl"),
+    (["train", "--check", "experiment.sample_every=5"], "experiment.eval_every"),
+    (["eval", "shapes", "--checkpoint", "/nonexistent/run"], "--checkpoint /nonexistent/run: no such folder"),
+])
+def test_train_inputs_are_one_sentence(args, needle):
+    result = run_cli(*args)
+    assert result.returncode == 2, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in result.stderr and len(lines) == 1 and needle in lines[0], result.stderr
+
+
+def test_second_run_into_the_same_folder_is_refused(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("keep me\n")
+    result = run_cli("train", "-o", str(run), "--steps", "1")
+    assert result.returncode == 2 and "already holds a run" in result.stderr and "--force" in result.stderr
+    assert (run / "config.yaml").read_text() == "keep me\n"

@@ -77,11 +77,36 @@ def test_colours():
     assert not strict and info["terms"] == [1.0, 0.0]
     two = [det("circle", 10, color="blue", score=0.9), det("circle", 40, color="red", score=0.5)]
     score, strict, info = evaluate(rec, two)
-    assert strict and info["terms"] == [0.0, 0.0]  # count mismatch zeroes the colour term
-    assert not evaluate(rec, two, colour_from_top=True)[1]  # official: the top-1 circle is blue
+    assert not strict and info["terms"] == [0.0, 0.0]  # official: the top-1 circle is blue; count term 0
+    assert "found 0 red" in info["reasons"][0]
+    assert evaluate(rec, two[::-1])[1] is False  # the rank is the score, not the list order
+    assert evaluate(rec, [two[0], det("circle", 40, color="red", score=0.95)])[1]
     rec2 = {"tag": "counting", "include": [{"class": "square", "count": 2, "color": "green"}], "prompt": "p"}
     score, strict, info = evaluate(rec2, [det("square", 10, color="green"), det("square", 40, color="red")])
     assert not strict and info["terms"] == [1.0, 0.5]
+
+
+def test_colour_judges_the_top_count_detections():
+    """Official GenEval: the colour of the `count` highest-scoring detections of the class, not of any."""
+    rec = {"tag": "counting", "include": [{"class": "square", "count": 2, "color": "green"}], "prompt": "p"}
+    top_two_green = [det("square", 10, color="green", score=0.9), det("square", 30, color="green", score=0.8),
+                     det("square", 50, color="red", score=0.7)]
+    assert evaluate(rec, top_two_green)[1]
+    second_red = [det("square", 10, color="green", score=0.9), det("square", 30, color="red", score=0.8),
+                  det("square", 50, color="green", score=0.7)]  # two green squares, but not the top two
+    score, strict, info = evaluate(rec, second_red)
+    assert not strict and info["reasons"] == ["expected green square>=2, found 1 green"]
+    tied = [det("square", 10, color="red"), det("square", 30, color="green"), det("square", 50, color="green")]
+    assert not evaluate(rec, tied)[1] and evaluate(rec, tied[::-1])[1]  # ties keep the detector's order
+
+
+def test_position_uses_the_top_count_detections():
+    rec = {"tag": "position", "include": [{"class": "circle", "count": 1},
+                                          {"class": "square", "count": 1, "position": ["left of", 0]}],
+           "prompt": "p"}
+    circle = det("circle", 32)
+    assert evaluate(rec, [circle, det("square", 10, score=0.9), det("square", 54, score=0.5)])[1]
+    assert not evaluate(rec, [circle, det("square", 10, score=0.5), det("square", 54, score=0.9)])[1]
 
 
 def test_colour_and_position_clause_uses_matching_objects():

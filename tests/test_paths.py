@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from udm_grpo.diffusion.categorical import chunked_categorical, sample_logits
-from udm_grpo.diffusion.paths import MetricPath, MixturePath
+from udm_grpo.diffusion.paths import MetricPath, MixturePath, ProbPath
+from udm_grpo.diffusion.scheduler import KineticOptimalScheduler
 
 K, D = 12, 5
 
@@ -118,6 +119,15 @@ def test_mixture_path():
     moved = path.jump(xt, torch.full_like(xt, 3), 0.5, 0.1, torch.Generator().manual_seed(1))
     assert (moved == 3).float().mean().item() == pytest.approx(1 - math.exp(-0.2), abs=0.01)
 
+
+
+def test_paths_share_the_prob_path_interface(emb):
+    paths: list[ProbPath] = [MixturePath(K), MetricPath(emb)]
+    for path in paths:
+        assert path.num_embeddings == K and path.to("cpu") is path
+        sched = KineticOptimalScheduler(path).to("cpu")
+        assert sched.path is path and sched.path_embedding is path.embedding
+    assert paths[0].embedding is None and torch.equal(paths[1].embedding, emb)
 
 def test_chunked_categorical_matches_softmax():
     logits = torch.randn(3, 17, generator=torch.Generator().manual_seed(0)) * 2

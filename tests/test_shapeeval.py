@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from udm_grpo.data import shapes
 from udm_grpo.data.shapes import BACKGROUND, CLASSES, COLORS, TAGS, generate_records, render_batch, shape_mask
 from udm_grpo.errors import UserError
 from udm_grpo.rewards.base import Reward, RewardOutput
@@ -90,6 +91,70 @@ def test_touching_shapes_of_two_colours_are_split():
     image[40:56, 10:26][shape_mask("circle", 16, 16)] = COLORS["yellow"]
     found = sorted((d.cls, d.color) for d in detect(image))
     assert found == [("circle", "yellow"), ("square", "blue"), ("square", "red")]
+
+
+def canvas() -> np.ndarray:
+    return np.full((64, 64, 3), BACKGROUND, np.uint8)
+
+
+def paint(image: np.ndarray, mask: np.ndarray, colour: str, y: int = 8, x: int = 8) -> np.ndarray:
+    h, w = mask.shape
+    image[y : y + h, x : x + w][mask] = COLORS[colour]
+    return image
+
+
+def found(image: np.ndarray) -> list[tuple[str, str, float, float]]:
+    return [(d.cls, d.color, d.box[2] - d.box[0], d.box[3] - d.box[1]) for d in detect(image)]
+
+
+def colour_record(cls: str, colour: str) -> dict:
+    return {"tag": "colors", "include": [{"class": cls, "count": 1, "color": colour}],
+            "prompt": f"a photo of a {colour} {cls}"}
+
+
+def test_every_genuine_shape_is_detected():
+    for cls in CLASSES:
+        for colour in COLORS:
+            for s in range(shapes.MIN_SIZE, shapes.MAX_SIZE + 1):
+                (d,) = detect(paint(canvas(), shape_mask(cls, s, s), colour))
+                assert (d.cls, d.color, d.box[2] - d.box[0]) == (cls, colour, s)
+
+
+@pytest.mark.parametrize("h,w", [(14, 28), (28, 14), (10, 20), (12, 24)])
+def test_elongated_shapes_are_not_objects(h, w):
+    """The world draws square boxes only: a 28x14 rectangle is no square, a 2:1 ellipse no circle."""
+    for cls in CLASSES:
+        image = paint(canvas(), shape_mask(cls, h, w), "red")
+        assert found(image) == []
+        assert not score_images(image[None], [colour_record(cls, "red")])[1][0]
+
+
+def test_implausible_sizes_and_triangles_are_not_objects():
+    assert found(paint(canvas(), shape_mask("square", 40, 40), "red")) == []
+    assert found(paint(canvas(), shape_mask("circle", 30, 30), "red")) == []
+    assert found(paint(canvas(), shape_mask("square", 22, 22), "red")) == [("square", "red", 22, 22)]  # VQ blur
+    assert found(paint(canvas(), shape_mask("triangle", 16, 16)[::-1], "red")) == []  # upside down
+    assert found(paint(canvas(), shape_mask("triangle", 16, 16).T, "red")) == []  # on its side
+
+
+def test_two_same_colour_squares_fused_into_a_rectangle_are_not_a_square():
+    image = paint(canvas(), np.ones((14, 14), bool), "red")
+    paint(image, np.ones((14, 14), bool), "red", x=22)  # touches the first: one 28x14 component
+    assert found(image) == []
+
+
+def test_detections_ranked_largest_first():
+    """ShapeEval's scores tie, so GenEval's top-`count` rank is the mask area (ties: top, then left)."""
+    image = paint(canvas(), shape_mask("circle", 12, 12), "red", 8, 8)
+    paint(image, shape_mask("circle", 18, 18), "blue", 30, 30)
+    assert [d.color for d in detect(image)] == ["blue", "red"]
+    score, strict, info = score_images(image[None], [colour_record("circle", "red")])
+    assert not strict[0] and info[0]["reasons"] == ["expected red circle>=1, found 0 red"]  # official rule
+    assert score_images(image[None], [colour_record("circle", "blue")])[1][0]
+    image = canvas()
+    for colour, (y, x) in zip(["red", "green", "blue"], [(40, 30), (8, 40), (8, 8)]):
+        paint(image, np.ones((12, 12), bool), colour, y, x)
+    assert [d.color for d in detect(image)] == ["blue", "green", "red"]
 
 
 def test_ignores_specks_and_tolerates_noise():

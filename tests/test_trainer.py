@@ -69,10 +69,10 @@ def test_resume_is_bit_exact(tmp_path):
     rows = lambda p: [json.loads(x) for x in (p / "run" / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     ra, rb = rows(tmp_path / "a"), rows(tmp_path / "b")
     assert [r["step"] for r in rb] == [1, 2, 3, 4]
-    assert [r["reward_mean"] for r in ra] == [r["reward_mean"] for r in rb]
+    assert [r["reward/mean"] for r in ra] == [r["reward/mean"] for r in rb]
     # On-policy, the ratio is exactly 1 in value.
-    assert all(r["ratio_mean"] == 1.0 and r["clip_frac"] == 0.0 for r in ra)
-    assert all(r["kl"] >= 0 for r in ra)
+    assert all(r["train/ratio_mean"] == 1.0 and r["train/clip_frac"] == 0.0 for r in ra)
+    assert all(r["train/kl"] >= 0 for r in ra)
 
 
 def test_killed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
@@ -110,7 +110,7 @@ def test_nan_rewards_skip_updates_then_stop(tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     # Two skipped steps were logged; the third raised before its line.
-    assert [ln["skipped_total"] for ln in lines] == [1, 2] and lines[0]["skipped"] == "non-finite reward"
+    assert [ln["train/skipped_total"] for ln in lines] == [1, 2] and lines[0]["train/skipped"] == "non-finite reward"
 
 
 def test_short_run_raises_toy_reward(tmp_path):
@@ -119,8 +119,8 @@ def test_short_run_raises_toy_reward(tmp_path):
     tr = trainer(cfg)
     tr.train()
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    early = sum(r["reward_mean"] for r in rows[:5]) / 5
-    late = sum(r["reward_mean"] for r in rows[-5:]) / 5
+    early = sum(r["reward/mean"] for r in rows[:5]) / 5
+    late = sum(r["reward/mean"] for r in rows[-5:]) / 5
     assert late > early + 0.02, (early, late)
 
 
@@ -129,8 +129,8 @@ def test_reused_rollouts_clip(tmp_path):
                                    "experiment.save_every": 0, "training.max_steps": 1})
     tr = trainer(cfg)
     metrics = tr.train_step()
-    assert metrics["clip_frac"] > 0
-    assert math.isfinite(metrics["grad_norm"])
+    assert metrics["train/clip_frac"] > 0
+    assert math.isfinite(metrics["train/grad_norm"])
 
 
 def test_forward_process_states_follow_marginal():
@@ -183,9 +183,9 @@ def test_evaluate_reports_tag_means(tmp_path):
     result = tr.evaluate()
     v = torch.as_tensor(tr._last_eval_images).float().mean(dim=(1, 2, 3)) / 255  # the Brightness values
     assert [r["tag"] for r in tr.eval_records] == ["x"] * 3 + ["y"] * 3
-    assert result["brightness/x"] == pytest.approx(v[:3].mean().item())
-    assert result["brightness"] == pytest.approx((v[:3].mean().item() + v[3:].mean().item()) / 2)
-    assert result["brightness_images"] == pytest.approx(v.mean().item())
+    assert result["eval/brightness/x"] == pytest.approx(v[:3].mean().item())
+    assert result["eval/brightness"] == pytest.approx((v[:3].mean().item() + v[3:].mean().item()) / 2)
+    assert result["eval/brightness_images"] == pytest.approx(v.mean().item())
 
 
 def test_lora_trains_only_adapters_and_resumes(tmp_path):
@@ -200,7 +200,7 @@ def test_lora_trains_only_adapters_and_resumes(tmp_path):
     lora_b = [k for k in after if "lora_B" in k]
     assert lora_b and max(after[k].abs().max().item() for k in lora_b) > 0  # lora_B starts at zero
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["kl"] == 0.0  # the reference is the adapter-disabled base: equal to the policy at step 1
+    assert rows[0]["train/kl"] == 0.0  # the reference is the adapter-disabled base: equal to the policy at step 1
     assert (tmp_path / "run" / "checkpoints" / "step-000002" / "adapter" / "adapter_model.safetensors").is_file()
     again = trainer(cfg)
     again.resume("latest")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -392,3 +393,16 @@ def test_checkpoint_errors_name_folder_and_key(tmp_path):
     (tmp_path / "e" / "config.json").write_text(json.dumps({**model.config.to_dict(), "hidden_size": "abc"}))
     with pytest.raises(ConfigError, match=r"e/config.json: field 'hidden_size' must be an integer"):
         URSATransformer.from_pretrained(tmp_path / "e")
+
+
+def test_unreadable_weights_and_adapter_folders(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "transformer")
+    weights = tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match=re.escape(f"{weights}: cannot be read as a weight file")):
+        URSATransformer.from_pretrained(tmp_path / "transformer")
+    weights.unlink()
+    (tmp_path / "transformer" / "adapter_config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="LoRA adapter"):
+        URSATransformer.from_pretrained(tmp_path / "transformer")

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
 from udm_grpo.errors import CheckpointError, ConfigError
+from udm_grpo.models.io import WEIGHTS_NAME
 from udm_grpo.models.patch_vq import PatchVQ, PatchVQConfig, nearest, patchify
-from udm_grpo.models.vae import WEIGHTS_NAME, load_vae
+from udm_grpo.models.vae import load_vae
 from udm_grpo.models.vq import AutoencoderVQ, VQConfig
 
 
@@ -137,6 +139,19 @@ def test_vq_checkpoint_errors(vq, tmp_path):
     with pytest.raises(CheckpointError, match="config.json"):
         load_vae(tmp_path / "nowhere")
 
+
+
+def test_truncated_weight_files_raise_checkpoint_error(vq, tmp_path):
+    vq.save_pretrained(tmp_path / "vae")
+    weights = tmp_path / "vae" / WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match=re.escape(f"{weights}: cannot be read as a weight file")):
+        load_vae(tmp_path / "vae")
+    weights.unlink()
+    legacy = tmp_path / "vae" / "diffusion_pytorch_model.bin"
+    legacy.write_bytes(b"not a pickle")
+    with pytest.raises(CheckpointError, match=re.escape(f"{legacy}: cannot be read as a weight file")):
+        load_vae(tmp_path / "vae")
 
 def test_vq_config_errors(tmp_path):
     good = tiny_config().to_dict()

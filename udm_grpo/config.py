@@ -1,9 +1,10 @@
 """Typed configuration of a UDM-GRPO run: dataclass defaults (the paper's recipe), YAML + dotted overrides.
 
-`load_config(path, ["sampling.train_steps=2", ...])` merges a YAML file and `key=value` overrides onto the
-defaults with OmegaConf (plain `${a.b}` interpolation only: no `eval` or other custom resolvers), checks
-every key and value, and returns a `Config`. Every problem raises ConfigError with one sentence naming the
-key (and the file or override that set it). Key names follow the official UDM-GRPO configs where they exist.
+`load_config(path, ["sampling.train_steps=2", ...])` merges YAML files (one path or a list of layers,
+later wins) and `key=value` overrides onto the defaults with OmegaConf (plain `${a.b}` interpolation only:
+no `eval` or other custom resolvers), checks every key and value, and returns a `Config`. Every problem
+raises ConfigError with one sentence naming the key (and the file or override that set it). Key names
+follow the official UDM-GRPO configs where they exist.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import dataclasses
 import difflib
 import math
 import os
-from collections.abc import Callable, Mapping
+import textwrap
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,7 +102,8 @@ class ModelConfig:
     path: str | None = opt(None, optional(STRING), "pipeline folder (official URSA layout); null = the tiny world")
     lora: dict | None = opt(None, optional(MAPPING), "peft LoraConfig kwargs; null = full fine-tune")
     gradient_checkpointing: int = opt(1, int_rule(0, 3), "0 none, 1 MLP, 2 MLP+QKV, 3 whole layer")
-    dtype: str = opt("bfloat16", choice("float32", "bfloat16"), "parameter dtype of the loaded transformer")
+    dtype: str = opt("bfloat16", choice("float32", "bfloat16"), "compute dtype: bfloat16 runs forwards under autocast "
+                     "and stores the frozen reference in bf16; trained weights are always float32 masters")
 
 
 @dataclass
@@ -147,7 +150,8 @@ class TrainingConfig:
     weight_decay: float = opt(0.01, NONNEG_FLOAT, "AdamW weight decay")
     max_grad_norm: float | None = opt(1.0, optional(POS_FLOAT), "global gradient-norm clip; null = off")
     seed: int = opt(1337, NONNEG_INT, "base seed (per-rank streams derive from it)")
-    mixed_precision: str = opt("bf16", MIXED_PRECISION, "autocast precision")
+    mixed_precision: str = opt("bf16", MIXED_PRECISION, "accelerate's mixed precision; 'bf16' also makes "
+                               "forwards bfloat16 (as model.dtype does)")
     max_nonfinite: int = opt(3, POS_INT, "stop after this many consecutive non-finite steps")
 
 
@@ -158,7 +162,6 @@ class ExperimentConfig:
     log_every: int = opt(5, POS_INT, "steps between metric log lines")
     eval_every: int = opt(100, NONNEG_INT, "steps between held-out evaluations; 0 = off")
     save_every: int = opt(100, NONNEG_INT, "steps between checkpoints; 0 = only at the end")
-    sample_every: int = opt(50, NONNEG_INT, "steps between sample grids; 0 = off")
     num_eval_prompts: int = opt(64, POS_INT, "held-out prompts per evaluation")
     eval_images_per_prompt: int = opt(1, POS_INT, "images per held-out prompt")
     eval_images_per_tag: int | None = opt(None, optional(POS_INT), "tagged prompts: this many held-out images "
@@ -197,6 +200,8 @@ _RENAMED = {
     "train_dataloader": "set 'data.train' and 'sampling.num_prompts_per_step' instead",
     "optimizer": "set 'training.lr', 'training.betas' and 'training.weight_decay' instead",
     "pipeline": "set 'model.path' instead",
+    "experiment.sample_every": "sample grids are written with every held-out evaluation (experiment.eval_every); "
+                               "remove it",
 }
 
 
@@ -370,16 +375,22 @@ def _parse_override(item: str) -> dict:
         raise ConfigError(f"override '{item}' has a value that cannot be parsed: {first}.") from None
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (), schema=Config):
-    """Defaults <- YAML file (optional) <- dotted `key=value` overrides (later wins); a validated `schema`
-    instance (default: the GRPO run `Config`)."""
+def load_config(path: str | os.PathLike | Sequence[str | os.PathLike | None] | None = None,
+                overrides: list[str] | tuple[str, ...] = (), schema=Config, notes: Mapping[str, str] | None = None):
+    """Defaults <- YAML file(s) <- dotted `key=value` overrides (later wins); a validated `schema` instance
+    (default: the GRPO run `Config`). `path` is one file or a list of layers (None entries are skipped);
+    `notes` adds a remark to a layer's name in error messages (e.g. "the default layer")."""
     origins: dict[str, str] = {}
     layers = []
-    if path is not None:
-        path = os.fspath(path)
-        data = _read_yaml(path)
-        _check_keys(data, schema, "", f" in '{path}'")
-        origins.update({k: f"set in '{path}'" for k in _flat_keys(data)})
+    paths = path if isinstance(path, list | tuple) else [path]
+    for item in paths:
+        if item is None:
+            continue
+        item = os.fspath(item)
+        data = _read_yaml(item)
+        name = f"'{item}'" + (f" ({notes[item]})" if notes and item in notes else "")
+        _check_keys(data, schema, "", f" in {name}")
+        origins.update({k: f"set in {name}" for k in _flat_keys(data)})
         layers.append(data)
     for item in overrides:
         data = _parse_override(item)
@@ -413,3 +424,31 @@ def describe_schema() -> list[tuple[str, Any, str, str]]:
 
     walk(Config, Config(), "")
     return rows
+
+
+def config_template(config: Config, title: str) -> str:
+    """A commented YAML file of every key of `config`: its value, its meaning and, where it differs, the
+    library default (the paper's recipe). Loading the text gives back `config`."""
+
+    def scalar(value) -> str:
+        return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("\n...")
+
+    paper = Config()
+    lines = [f"# {line}".rstrip() for para in title.splitlines() for line in textwrap.wrap(para, 100) or [""]]
+    for f in dataclasses.fields(Config):
+        lines.append(f"{f.name}:")
+
+        def walk(cls, obj, ref, indent):
+            for g in dataclasses.fields(cls):
+                value, default = getattr(obj, g.name), getattr(ref, g.name)
+                if g.metadata.get("rule") is None:
+                    lines.append(f"{indent}{g.name}:")
+                    walk(_section_cls(g), value, default, indent + "  ")
+                    continue
+                note = g.metadata.get("help", "")
+                if value != default:
+                    note += f" (paper: {scalar(default)})"
+                lines.append(f"{indent}{g.name}: {scalar(value)}".ljust(40) + f"  # {note}")
+
+        walk(_section_cls(f), getattr(config, f.name), getattr(paper, f.name), "  ")
+    return "\n".join(lines) + "\n"

@@ -17,12 +17,31 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
 
+def check_device(device: str) -> None:
+    """UserError (one sentence) for a device string torch cannot parse or an accelerator this machine lacks."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device {device}: not a torch device (expected e.g. cpu, cuda or cuda:1).") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: CUDA is not available to this torch build or machine; "
+                            "use --device cpu.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {device}: MPS is not available on this machine; use --device cpu.")
+
+
 def load_pipeline(model: str | None, device: str = "cpu", checkpoint: str | None = None):
     import torch
 
     from ..models.pipeline import URSAPipeline
     from ..tinyworld import SHIPPED_MODEL
 
+    check_device(device)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     folder = Path(model) if model else SHIPPED_MODEL
     if model is None and not (folder / "model_index.json").is_file():
@@ -30,15 +49,13 @@ def load_pipeline(model: str | None, device: str = "cpu", checkpoint: str | None
                         "`udm-grpo pretrain --output udm_grpo/assets/tiny-world`.")
     transformer = None
     if checkpoint:
-        from ..grpo.checkpoint import resolve_resume
+        from ..grpo.checkpoint import resolve_checkpoint
 
-        ckpt = Path(checkpoint)
-        if (ckpt / "checkpoints").is_dir():
-            ckpt = resolve_resume("latest", ckpt / "checkpoints")
+        ckpt = resolve_checkpoint(checkpoint, flag="--checkpoint")
         transformer = ckpt / "transformer"
         if not transformer.is_dir():
-            raise UserError(f"--checkpoint {checkpoint}: no transformer/ folder (LoRA adapter checkpoints are "
-                            "not supported here yet).")
+            what = "a LoRA adapter, which" if (ckpt / "adapter").is_dir() else "no transformer/ folder, so it"
+            raise UserError(f"--checkpoint {checkpoint}: {ckpt} holds {what} cannot be evaluated yet.")
     return URSAPipeline.from_pretrained(folder, device=device, transformer=transformer)
 
 

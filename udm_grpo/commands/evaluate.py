@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from ..errors import UserError
@@ -18,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--split", choices=["train", "test"], default="test")
     s.add_argument("--metadata", help="GenEval-schema JSONL file to evaluate instead of a split")
     s.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts")
-    s.add_argument("-n", "--images-per-prompt", type=int, default=4)
+    s.add_argument("-n", "--images-per-prompt", type=int, default=None, help="images per prompt (default 4)")
     s.add_argument("--per-tag", type=int, default=None, metavar="N",
                    help="instead of -n: N images per tag, cycling through each tag's prompts (balances the "
                    "noise of small tags)")
@@ -31,12 +32,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from ..data.prompts import balance_tags
     from ..data.shapes import generate_records, read_metadata_jsonl
-    from ..images import make_grid, save_png
+    from ..data.text_tokenizer import unknown_words
+    from ..images import grouped_grid, save_png
     from ..tinyworld import evaluate_shapes
 
+    if args.per_tag is not None and args.images_per_prompt is not None:
+        raise UserError("--per-tag and -n/--images-per-prompt exclude each other (--per-tag samples one image per "
+                        "prompt); give only one of them.")
+    if args.images_per_prompt is None:
+        args.images_per_prompt = 4
     if args.images_per_prompt < 1:
         raise UserError(f"--images-per-prompt must be >= 1, got {args.images_per_prompt}.")
-    records = read_metadata_jsonl(args.metadata) if args.metadata else generate_records(args.split, None, 0)
+    if args.metadata:
+        records = read_metadata_jsonl(args.metadata, world=True)
+    else:
+        records = generate_records(args.split, None, 0)
     if args.limit is not None:
         records = records[: args.limit]
     if not records:
@@ -47,13 +57,18 @@ def run(args) -> int:
         records, args.images_per_prompt = balance_tags(records, args.per_tag), 1
     sampling = sampling_from_args(args)
     pipe = load_pipeline(args.model, args.device, args.checkpoint)
+    if words := unknown_words(pipe.tokenizer, list(dict.fromkeys(r["prompt"] for r in records))):
+        print(f"udm-grpo eval: warning: the model's tokenizer does not know the word(s) "
+              f"{', '.join(map(repr, words))} and reads each as its unknown token.", file=sys.stderr)
+    checkpoint, checkpoint_step = scored_checkpoint(args.checkpoint)
     summary, images = evaluate_shapes(pipe, records, args.images_per_prompt, args.seed, sampling,
                                       args.batch_size, progress=True)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     result = {
         "model": args.model or "shipped tiny-world model",
-        "checkpoint": args.checkpoint,
+        "checkpoint": checkpoint,
+        "checkpoint_step": checkpoint_step,
         "source": args.metadata or f"split:{args.split}",
         "prompts": len(records),
         "images_per_prompt": args.images_per_prompt,
@@ -65,14 +80,16 @@ def run(args) -> int:
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(out / "results.json")
-    if args.per_tag is not None:  # one row per tag: its first four images
-        tags = list(dict.fromkeys(r["tag"] for r in records))
-        pick = [i for t in tags for i in [j for j, r in enumerate(records) if r["tag"] == t][:4]]
-        grid = make_grid(images[pick], nrow=min(4, args.per_tag), labels=tags, scale=2)
-    else:
-        shown = min(len(records), 16)
-        grid = make_grid(images[: shown * args.images_per_prompt], nrow=args.images_per_prompt,
-                         labels=[r["prompt"] for r in records[:shown]], scale=2)
+    per = args.images_per_prompt
+    if per == 1:  # one row per tag: its first 8 images, each captioned with its prompt
+        by_tag: dict[str, list[int]] = {}
+        for i, r in enumerate(records):
+            by_tag.setdefault(r.get("tag", ""), []).append(i)
+        grid = grouped_grid(images, [(t, idx[:8]) for t, idx in by_tag.items()],
+                            captions=[r["prompt"] for r in records])
+    else:  # one row per prompt (the first 16): up to 8 of its images
+        grid = grouped_grid(images, [(f"{r.get('tag', '')}: {r['prompt']}", range(i * per, i * per + min(per, 8)))
+                                     for i, r in enumerate(records[:16])])
     save_png(grid, out / "grid.png")
     for tag, row in sorted(summary["per_tag"].items()):
         print(f"{tag:14s} strict {row['strict']:.3f}  score {row['score']:.3f}  (n={row['n']})")
@@ -80,3 +97,18 @@ def run(args) -> int:
     print(f"{'overall':14s} strict {o['strict']:.3f}  score {o['score']:.3f}  (n={o['n']})")
     print(f"wrote {out / 'results.json'} and {out / 'grid.png'}")
     return 0
+
+
+def scored_checkpoint(checkpoint: str | None) -> tuple[str | None, int | None]:
+    """The checkpoint folder `--checkpoint` names, resolved as `load_pipeline` does (a run folder: its latest
+    checkpoint), and the step its trainer_state.json records; (None, None) without --checkpoint."""
+    if not checkpoint:
+        return None, None
+    from ..grpo.checkpoint import resolve_checkpoint
+
+    folder = resolve_checkpoint(checkpoint, flag="--checkpoint")
+    try:
+        step = json.loads((folder / "trainer_state.json").read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        step = None
+    return str(folder), step if isinstance(step, int) and not isinstance(step, bool) else None

@@ -16,6 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file (keys of TinyWorldConfig; see configs/tiny_world_pretrain.yaml)")
     p.add_argument("-o", "--output", default="tiny-world", help="pipeline folder to write (default tiny-world)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--rescore", action="store_true", help="only re-record base_eval.json of the existing model "
+                   "folder -o with the current code (after a change to the sampler or ShapeEval)")
 
 
 def run(args) -> int:
@@ -25,8 +27,10 @@ def run(args) -> int:
     from ..models.pipeline import URSAPipeline
     from ..tinyworld import TinyWorldConfig, build_pipeline, pretrain, record_base_eval
 
-    cfg = load_config(args.config, args.overrides, schema=TinyWorldConfig)
     out = Path(args.output)
+    if args.rescore:
+        return rescore(out)
+    cfg = load_config(args.config, args.overrides, schema=TinyWorldConfig)
     if out.exists() and not args.force:
         raise UserError(f"output folder {out} already exists; pass --force to replace it.")
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -53,4 +57,24 @@ def run(args) -> int:
         shutil.rmtree(out)
     partial.replace(out)
     print(f"wrote {out} in {record['wall_seconds']} s")
+    return 0
+
+
+def rescore(folder: Path) -> int:
+    """Re-record `folder/base_eval.json` with the settings of its pretrain_config.yaml."""
+    from ..config import load_config
+    from ..models.pipeline import URSAPipeline
+    from ..tinyworld import TinyWorldConfig, record_base_eval
+
+    settings = folder / "pretrain_config.yaml"
+    if not settings.is_file():
+        raise UserError(f"--rescore: {settings} does not exist (not a tiny-world model folder written by pretrain).")
+    cfg = load_config(settings, schema=TinyWorldConfig)
+    base_eval = record_base_eval(URSAPipeline.from_pretrained(folder), cfg.sampling, cfg.final_images_per_tag or 64)
+    tmp = folder / "base_eval.json.tmp"
+    tmp.write_text(json.dumps(base_eval, indent=2) + "\n")
+    tmp.replace(folder / "base_eval.json")
+    o = base_eval["full"]["overall"]
+    print(f"wrote {folder / 'base_eval.json'}: strict {o['strict']:.3f}, score {o['score']:.3f} "
+          f"({base_eval['full']['images_per_tag']} images per tag)")
     return 0

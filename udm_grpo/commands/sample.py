@@ -1,8 +1,9 @@
-"""`udm-grpo sample`: prompts -> a PNG grid (one row per prompt)."""
+"""`udm-grpo sample`: prompts -> a captioned PNG grid (one row per prompt, or 8 captioned images per row)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -22,8 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import torch
 
-    from ..images import make_grid, save_png
+    from ..data.text_tokenizer import unknown_words
+    from ..images import grouped_grid, save_png
 
+    for i, prompt in enumerate(args.prompts, 1):
+        if not prompt.strip():
+            raise UserError(f"prompt {i} is blank; give each prompt some words, e.g. \"a photo of a red circle\".")
     prompts = list(args.prompts)
     if args.prompts_file:
         path = Path(args.prompts_file)
@@ -36,13 +41,20 @@ def run(args) -> int:
         raise UserError(f"--images-per-prompt must be >= 1, got {args.images_per_prompt}.")
     sampling = sampling_from_args(args)
     pipe = load_pipeline(args.model, args.device, args.checkpoint)
+    if words := unknown_words(pipe.tokenizer, prompts):
+        print(f"udm-grpo sample: warning: the model's tokenizer does not know the word(s) "
+              f"{', '.join(map(repr, words))} and reads each as its unknown token.", file=sys.stderr)
     gen = torch.Generator(device=pipe.device).manual_seed(args.seed)
     start = time.perf_counter()
     out = pipe(prompts, num_images_per_prompt=args.images_per_prompt, generator=gen,
                num_inference_steps=sampling.num_inference_steps, guidance_scale=sampling.guidance_scale,
                guidance_trunc=sampling.guidance_trunc)
     seconds = time.perf_counter() - start
-    grid = make_grid(out.images, nrow=args.images_per_prompt, labels=prompts, scale=2)
+    per = args.images_per_prompt
+    if per == 1:  # one caption per image, up to 8 per row
+        grid = grouped_grid(out.images, [("", range(len(prompts)))], captions=prompts)
+    else:  # one row (or more, 8 per row) per prompt, labelled with it
+        grid = grouped_grid(out.images, [(p, range(i * per, (i + 1) * per)) for i, p in enumerate(prompts)])
     save_png(grid, args.output)
     n = len(out.images)
     print(f"wrote {args.output}: {n} images in {seconds:.2f} s ({n / seconds:.1f} images/s)")

@@ -3,46 +3,112 @@
 from __future__ import annotations
 
 import argparse
-import json
+import time
 from pathlib import Path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_world_grpo.yaml"
+ROOT_TEMPLATE = Path(__file__).resolve().parents[2] / "configs" / "template.yaml"  # in a source checkout
+LAYERS = (f"Configuration layers, later wins: the tiny-world defaults ({DEFAULT_CONFIG.name}) <- --config FILE <- "
+          "KEY=VALUE overrides, so a file needs only the keys it changes (--print-template shows every key). "
+          "--resume without --config continues with the run's own config.yaml.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = f"{p.description}. {LAYERS}"
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. sampling.num_images_per_prompt=16 training.lr=3e-5")
-    p.add_argument("--config", default=None, help=f"YAML run config (default: {DEFAULT_CONFIG.name}, the tiny world)")
+    p.add_argument("--config", default=None, help="YAML run config layered on the tiny-world defaults")
     p.add_argument("-o", "--output", default=None, help="run folder (experiment.output_dir)")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps (training.max_steps)")
-    p.add_argument("--resume", default=None, metavar="latest|PATH",
-                   help="continue from the newest checkpoint of the run folder, or from a checkpoint folder")
-    p.add_argument("--check", action="store_true", help="validate the config, print the batch plan and exit")
+    p.add_argument("--steps", type=int, default=None, help="total optimiser steps (training.max_steps); with "
+                   "--resume, the new total")
+    p.add_argument("--resume", default=None, metavar="latest|RUN|CHECKPOINT",
+                   help="continue the newest checkpoint of the run folder (latest or RUN), or a checkpoint folder")
+    p.add_argument("--force", action="store_true", help="replace a run folder that already holds a run")
+    p.add_argument("--check", action="store_true",
+                   help="validate the config, reward, model folder and prompts, print the batch plan and exit")
+    p.add_argument("--print-template", action="store_true", help="print a commented config with every key and exit")
 
 
-def run(args) -> int:
+def template_text() -> str:
+    from ..config import config_template, load_config
+
+    title = ("udm-grpo run configuration: every key, with the tiny-world values `udm-grpo train` starts from.\n"
+             "Copy it, edit it and run `udm-grpo train --config my_run.yaml`. " + LAYERS + "\n"
+             "'(paper: X)' marks the paper's URSA-1.7B recipe where it differs.\n"
+             "Regenerate: udm-grpo train --print-template > configs/template.yaml")
+    return config_template(load_config(DEFAULT_CONFIG), title)
+
+
+def resolve_config(args):
+    """(Config, checkpoint folder to resume or None) from the layers, -o, --steps and --resume."""
     from ..config import load_config
+    from ..errors import UserError
+    from ..grpo.checkpoint import resolve_checkpoint, run_folder_of
 
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be a positive integer, got {args.steps}.")
+    if args.output is not None and not args.output.strip():
+        raise UserError("-o/--output must name a folder.")
     overrides = list(args.overrides)
     if args.output:
         overrides.append(f"experiment.output_dir={args.output}")
     if args.steps is not None:
         overrides.append(f"training.max_steps={args.steps}")
-    cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
-    if args.check:
-        from ..grpo.batching import plan_from_config
+    layers = [DEFAULT_CONFIG, args.config]
+    notes = {str(DEFAULT_CONFIG): "the default layer"}
+    cfg = load_config(layers, overrides, notes=notes)
+    if not args.resume:
+        return cfg, None
+    ckpt = resolve_checkpoint(args.resume, Path(cfg.experiment.output_dir))
+    run = run_folder_of(ckpt)
+    if run is not None and not args.output:
+        overrides.append(f"experiment.output_dir={run}")
+    if run is not None and not args.config and (run / "config.yaml").is_file():
+        layers = [run / "config.yaml"]
+    return load_config(layers, overrides, notes=notes), ckpt
 
-        print(plan_from_config(cfg, 1).describe())
+
+def check(cfg) -> None:
+    """Everything `train` would load, checked without loading weights: reward, model folder, prompts."""
+    from ..data.prompts import load_prompts
+    from ..grpo.batching import plan_from_config
+    from ..models.pipeline import URSAPipeline
+    from ..rewards import check_reward
+    from ..tinyworld import SHIPPED_MODEL
+
+    check_reward(cfg.reward.name, cfg.reward.params)
+    URSAPipeline.check_folder(Path(cfg.model.path) if cfg.model.path else SHIPPED_MODEL)
+    for source in (cfg.data.train or "shapes:train", cfg.data.test or "shapes:test"):
+        load_prompts(source)
+    print(plan_from_config(cfg, 1).describe())
+
+
+def run(args) -> int:
+    if args.print_template:
+        print(template_text(), end="")
         return 0
+    cfg, ckpt = resolve_config(args)
+    if args.check:
+        check(cfg)
+        return 0
+    from ..grpo.evaluation import verdict
+    from ..grpo.logger import read_jsonl
     from ..grpo.trainer import TrainingError, UDMGRPOTrainer
 
+    start = time.time()
     trainer = UDMGRPOTrainer(cfg)
     try:
-        result = trainer.train(resume=args.resume)
+        result = trainer.train(resume=str(ckpt) if ckpt else None, force=args.force)
     except TrainingError as e:
         print(f"udm-grpo train: stopped: {e}")
         return 1
     if trainer.acc.is_main_process:
-        print(json.dumps({"step": result["step"], "eval": result["eval"]}))
-        print(f"run folder: {cfg.experiment.output_dir}")
+        run_dir = Path(cfg.experiment.output_dir)
+        if result["interrupted"]:
+            print(f"udm-grpo train: interrupted; saved checkpoint step {result['step']} in {run_dir / 'checkpoints'}; "
+                  f"continue with --resume latest -o {run_dir}.")
+            return 130
+        first = result["first_eval"] or next(iter(read_jsonl(run_dir / "eval.jsonl")), {})
+        print(verdict(first, result["eval"], trainer.eval_records, result["step"],
+                      (time.time() - start) / 60, run_dir, cfg.reward.name == "shapeeval"))
     return 0

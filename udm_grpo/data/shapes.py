@@ -324,8 +324,21 @@ def _check_record(rec: object, where: str) -> None:
                                     f"clause] with relation one of {', '.join(RELATIONS)}.")
 
 
-def read_metadata_jsonl(path: str | Path) -> list[dict]:
-    """Read and validate a GenEval-schema metadata file; UserError names file:line on any fault."""
+def check_world_record(rec: dict, where: str) -> None:
+    """UserError naming `where` when a (schema-valid) record asks for a class or colour the tiny world lacks."""
+    for part in ("include", "exclude"):
+        for j, clause in enumerate(rec.get(part, [])):
+            if clause["class"] not in CLASSES:
+                raise UserError(f"{where}: {part}[{j}] has class {clause['class']!r}, which the tiny world does not "
+                                f"draw (it knows {', '.join(CLASSES)}).")
+            if "color" in clause and clause["color"] not in COLORS:
+                raise UserError(f"{where}: {part}[{j}] has colour {clause['color']!r}, which the tiny world does not "
+                                f"draw (it knows {', '.join(COLORS)}).")
+
+
+def read_metadata_jsonl(path: str | Path, world: bool = False) -> list[dict]:
+    """Read and validate a GenEval-schema metadata file; UserError names file:line on any fault.
+    With `world`, also refuse classes and colours the tiny world does not have."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"metadata file {path} does not exist.")
@@ -338,6 +351,8 @@ def read_metadata_jsonl(path: str | Path) -> list[dict]:
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{n}: not valid JSON ({e.msg}).") from None
         _check_record(rec, f"{path}:{n}")
+        if world:
+            check_world_record(rec, f"{path}:{n}")
         records.append(rec)
     if not records:
         raise UserError(f"metadata file {path} holds no records.")

@@ -60,3 +60,20 @@ def encode_prompts(tokenizer, prompts: list[str], max_length: int) -> torch.Tens
         if row:
             out[i, max_length - len(row) :] = torch.tensor(row, dtype=torch.long)
     return out
+
+
+def unknown_words(tokenizer, prompts: list[str]) -> list[str]:
+    """The words of `prompts` that `tokenizer` maps to its unknown token, once each in order of appearance.
+
+    Empty for tokenizers without an unknown token or without offsets (a byte-level BPE never has unknown words).
+    """
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or not getattr(tokenizer, "is_fast", False):
+        return []
+    enc = tokenizer(list(prompts), add_special_tokens=False, return_offsets_mapping=True)
+    found: dict[str, None] = {}
+    for prompt, ids, offsets in zip(prompts, enc["input_ids"], enc["offset_mapping"]):
+        for i, (a, b) in zip(ids, offsets):
+            if i == unk:
+                found.setdefault(prompt[a:b], None)
+    return list(found)

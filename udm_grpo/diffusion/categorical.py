@@ -22,6 +22,12 @@ ScoreFn = Callable[[int, int, torch.Tensor | None], torch.Tensor]
 for the rows indexed by `rows` (Long[M']), or for every row when `rows` is None."""
 
 
+def draw_device(generator: torch.Generator | None, default: torch.device | str) -> torch.device:
+    """Device to draw random numbers on: the generator's when given (PyTorch requires the two to agree,
+    e.g. a CUDA generator with `device=` omitted fails), else `default`. Move the draw afterwards."""
+    return generator.device if generator is not None else torch.device(default)
+
+
 def _blocks(num_classes: int, chunk: int):
     for k0 in range(0, num_classes, chunk):
         yield k0, min(k0 + chunk, num_classes)
@@ -57,7 +63,8 @@ def chunked_categorical(
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     mass = sums * torch.exp((maxes - top[:, None]).double())  # exp(-inf) = 0 for empty blocks
     cum = mass.cumsum(dim=1)
-    target = torch.rand(rows, generator=generator, device=device, dtype=torch.float64) * cum[:, -1]
+    u = torch.rand(rows, generator=generator, device=draw_device(generator, device), dtype=torch.float64)
+    target = u.to(device) * cum[:, -1]
     block = (cum < target[:, None]).sum(dim=1)
     nonempty = mass > 0
     last_nonempty = (len(blocks) - 1) - nonempty.flip(1).int().argmax(dim=1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .categorical import draw_device
 from .sampler import ImageLogitsModel
 from .scheduler import KineticOptimalScheduler
 
@@ -36,7 +37,7 @@ def pretraining_loss(
     batch = x1.shape[0]
     t = scheduler.sample_train_t(batch, generator, x1.device)
     x_t = scheduler.add_noise(x1, t, generator)
-    drop = torch.rand(batch, generator=generator).to(x1.device) < caption_dropout
+    drop = torch.rand(batch, generator=generator, device=draw_device(generator, "cpu")).to(x1.device) < caption_dropout
     text = torch.where(drop[:, None], uncond_ids.expand_as(text_ids), text_ids)
     logits = model.image_logits(text, x_t, grid)
     loss = F.cross_entropy(logits.float().flatten(0, 1), x1.flatten(), label_smoothing=label_smoothing)

@@ -13,10 +13,11 @@ Tokens are codebook ids in [0, K). A path gives, per token independently,
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 
-from .categorical import chunked_categorical
+from .categorical import chunked_categorical, draw_device
 
 TimeLike = float | torch.Tensor
 
@@ -33,6 +34,43 @@ def expand_time(t: TimeLike, x: torch.Tensor) -> torch.Tensor:
     return t.expand(x.shape)
 
 
+class ProbPath(Protocol):
+    """What the scheduler needs of a path. Tokens are Long codebook ids in [0, K); t, dt are floats or
+    tensors broadcast by `expand_time`; tables are Float[..., K]."""
+
+    @property
+    def num_embeddings(self) -> int:
+        """K: codebook size."""
+        ...
+
+    @property
+    def embedding(self) -> torch.Tensor | None:
+        """The raw path embedding Float[K, D] as given (saved as `path.emb`), or None if there is none."""
+        ...
+
+    def probs(self, x1: torch.Tensor, t: TimeLike) -> torch.Tensor:
+        """Float[..., K] table of p_t(. | x1)."""
+        ...
+
+    def velocity(self, x_t: torch.Tensor, x1: torch.Tensor, t: TimeLike) -> torch.Tensor:
+        """Float[..., K] table of u_t(. | x_t, x1) (0 at x_t)."""
+        ...
+
+    def add_noise(self, x1: torch.Tensor, t: TimeLike, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x_t ~ p_t(. | x1) per token, Long of x1's shape."""
+        ...
+
+    def jump(
+        self, x_t: torch.Tensor, x1: torch.Tensor, t: TimeLike, dt: TimeLike, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """One CTMC Euler step x_t -> x_{t+dt} towards x1, Long of x_t's shape."""
+        ...
+
+    def to(self, device: torch.device | str) -> ProbPath:
+        """Move the path's tensors to `device` (in place); returns self."""
+        ...
+
+
 class MixturePath:
     """Uniform mixture path: keep x1 with probability t, else a uniform token.
 
@@ -42,6 +80,15 @@ class MixturePath:
     def __init__(self, num_embeddings: int):
         self.num_embeddings = int(num_embeddings)
 
+    @property
+    def embedding(self) -> None:
+        """The mixture path has no embedding."""
+        return None
+
+    def to(self, device: torch.device | str) -> MixturePath:
+        """No tensors to move; returns self."""
+        return self
+
     def probs(self, x1: torch.Tensor, t: TimeLike) -> torch.Tensor:
         """Float[..., K] table of p_t(. | x1)."""
         t = expand_time(t, x1)[..., None]
@@ -50,8 +97,9 @@ class MixturePath:
 
     def add_noise(self, x1: torch.Tensor, t: TimeLike, generator: torch.Generator | None = None) -> torch.Tensor:
         t = expand_time(t, x1)
-        keep = torch.rand(x1.shape, generator=generator, device=x1.device) < t
-        noise = torch.randint(0, self.num_embeddings, x1.shape, generator=generator, device=x1.device)
+        dev = draw_device(generator, x1.device)
+        keep = torch.rand(x1.shape, generator=generator, device=dev).to(x1.device) < t
+        noise = torch.randint(0, self.num_embeddings, x1.shape, generator=generator, device=dev).to(x1.device)
         return torch.where(keep, x1, noise)
 
     def velocity(self, x_t: torch.Tensor, x1: torch.Tensor, t: TimeLike) -> torch.Tensor:
@@ -59,10 +107,14 @@ class MixturePath:
         u = torch.nn.functional.one_hot(x1, self.num_embeddings).float() / (1 - t)
         return u.scatter(-1, x_t[..., None], 0.0)
 
-    def jump(self, x_t, x1, t, dt, generator=None) -> torch.Tensor:
+    def jump(
+        self, x_t: torch.Tensor, x1: torch.Tensor, t: TimeLike, dt: TimeLike, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Jump to x1 with probability 1 - exp(-dt / (1 - t)) where x_t != x1, else stay."""
         t = expand_time(t, x1)
         rate = torch.where(x1 != x_t, 1.0 / (1.0 - t), torch.zeros_like(t))
-        moves = torch.rand(x_t.shape, generator=generator, device=x_t.device) < 1 - torch.exp(-dt * rate)
+        u = torch.rand(x_t.shape, generator=generator, device=draw_device(generator, x_t.device)).to(x_t.device)
+        moves = u < 1 - torch.exp(-dt * rate)
         return torch.where(moves, x1, x_t)
 
 
@@ -99,7 +151,12 @@ class MetricPath:
     def num_embeddings(self) -> int:
         return self.emb.shape[0]
 
-    def to(self, device) -> MetricPath:
+    @property
+    def embedding(self) -> torch.Tensor:
+        """The raw path embedding Float[K, D] (before L2 normalisation)."""
+        return self.raw_emb
+
+    def to(self, device: torch.device | str) -> MetricPath:
         self.emb, self.sq_norm, self.raw_emb = self.emb.to(device), self.sq_norm.to(device), self.raw_emb.to(device)
         return self
 
@@ -182,7 +239,7 @@ class MetricPath:
                 z += w.sum(1, dtype=torch.float64)
                 s += (w * gap).sum(1, dtype=torch.float64)
             rate = (dbeta[sl].double() * s / z).float()
-            u = torch.rand(yy.numel(), generator=generator, device=y.device)
+            u = torch.rand(yy.numel(), generator=generator, device=draw_device(generator, y.device)).to(y.device)
             moves = (u < -torch.expm1(-dtt[sl] * rate)) & (rate > 0)
             idx = moves.nonzero().squeeze(1)
             if idx.numel() == 0:
@@ -199,7 +256,9 @@ class MetricPath:
         return out.reshape(x_t.shape)
 
 
-def build_path(num_embeddings: int, embedding: torch.Tensor | None, alpha: float | None, c: float, eps: float):
+def build_path(
+    num_embeddings: int, embedding: torch.Tensor | None, alpha: float | None, c: float, eps: float
+) -> ProbPath:
     """The scheduler's rule: `alpha` None selects the mixture path, otherwise the metric path."""
     if alpha is None:
         return MixturePath(num_embeddings)

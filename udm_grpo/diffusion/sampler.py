@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 
+from .categorical import draw_device
 from .scheduler import KineticOptimalScheduler
 
 
@@ -78,7 +79,8 @@ def sample_tokens(
     device = text_ids.device
     scheduler.set_timesteps(num_inference_steps)
     if x_init is None:
-        x = torch.randint(0, scheduler.num_embeddings, (batch, n_tokens), generator=generator, device=device)
+        dev = draw_device(generator, device)
+        x = torch.randint(0, scheduler.num_embeddings, (batch, n_tokens), generator=generator, device=dev).to(device)
     else:
         x = x_init.clone()
     traj = Trajectory()

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from .categorical import sample_logits
-from .paths import MetricPath, MixturePath, build_path
+from .categorical import draw_device, sample_logits
+from .paths import ProbPath, build_path
 
 CONFIG_NAME = "scheduler_config.json"
 WEIGHTS_NAME = "scheduler_model.pth"
@@ -34,11 +34,11 @@ class KineticOptimalScheduler:
     """CTMC sampler over a probability path with kinetic-optimal jumps.
 
     Args:
-        path: `MetricPath` or `MixturePath`.
+        path: a `ProbPath` (`MetricPath` or `MixturePath`).
         shift: resolution-dependent time shift lambda.
     """
 
-    def __init__(self, path: MetricPath | MixturePath, shift: float = 1.0, alpha=None, c: float = 3.0,
+    def __init__(self, path: ProbPath, shift: float = 1.0, alpha=None, c: float = 3.0,
                  eps: float = 1e-5):
         if not (isinstance(shift, int | float) and shift > 0):
             raise ConfigError(f"scheduler: 'shift' must be a positive number, got {shift!r}.")
@@ -64,8 +64,9 @@ class KineticOptimalScheduler:
         return float(self.t[k])
 
     def sample_train_t(self, batch_size: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-        """Training timesteps Float[B]: t = shift(0.999 U)."""
-        u = torch.rand(batch_size, generator=generator, dtype=torch.float64)
+        """Training timesteps Float[B] on `device`: t = shift(0.999 U), U drawn on the generator's device
+        (the CPU without one)."""
+        u = torch.rand(batch_size, generator=generator, dtype=torch.float64, device=draw_device(generator, "cpu"))
         return shift_time(0.999 * u, self.shift).float().to(device or "cpu")
 
     def step(
@@ -92,8 +93,7 @@ class KineticOptimalScheduler:
         return self.path.add_noise(x1, t, generator)
 
     def to(self, device) -> KineticOptimalScheduler:
-        if isinstance(self.path, MetricPath):
-            self.path.to(device)
+        self.path = self.path.to(device)
         return self
 
     # ---- on-disk layout -------------------------------------------------------------------------
@@ -117,7 +117,10 @@ class KineticOptimalScheduler:
         emb = None
         weights = folder / WEIGHTS_NAME
         if weights.is_file():
-            state = torch.load(weights, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(weights, map_location="cpu", weights_only=True)
+            except Exception as e:  # corrupt file, or a pickle that needs more than tensors
+                raise CheckpointError(f"{weights}: cannot be read as a weight file ({type(e).__name__}: {e}).") from e
             if not isinstance(state, dict) or "path.emb" not in state:
                 raise CheckpointError(f"{weights}: expected a dict with key 'path.emb'.")
             emb = state["path.emb"].float()
@@ -135,10 +138,10 @@ class KineticOptimalScheduler:
         folder.mkdir(parents=True, exist_ok=True)
         cfg = {"_class_name": "KineticOptimalScheduler", **self.config}
         (folder / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
-        if isinstance(self.path, MetricPath):
-            torch.save({"path.emb": self.path.raw_emb.cpu().contiguous()}, folder / WEIGHTS_NAME)
+        if self.path.embedding is not None:
+            torch.save({"path.emb": self.path.embedding.cpu().contiguous()}, folder / WEIGHTS_NAME)
 
     @property
     def path_embedding(self) -> torch.Tensor | None:
         """The path embedding as stored (before L2 normalisation); None for the mixture path."""
-        return getattr(self.path, "raw_emb", None)
+        return self.path.embedding

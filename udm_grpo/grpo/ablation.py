@@ -36,8 +36,11 @@ def run_ablation(config_path, overrides: list[str], output: Path, steps: int, cf
 
     output = Path(output)
     rows = []
-    for name in variants or list(VARIANTS):
+    names = variants or list(VARIANTS)
+    for i, name in enumerate(names, 1):
         settings = {"sampling.rollout.guidance_scale": cfg_scale, **VARIANTS[name]}
+        print(f"ablation variant {i}/{len(names)}: {name} ("
+              + ", ".join(f"{k.rsplit('.', 1)[1]}={v}" for k, v in settings.items()) + ")", flush=True)
         extra = [f"{k}={json.dumps(v)}" for k, v in settings.items()]
         cfg = load_config(config_path, [*overrides, *extra, f"experiment.output_dir={output / name}",
                                         f"training.max_steps={steps}"])
@@ -49,8 +52,8 @@ def run_ablation(config_path, overrides: list[str], output: Path, steps: int, cf
             "variant": name,
             "eval_before": evals[0] if evals else {},
             "eval_after": result["eval"],
-            "reward_last10": _mean([m.get("reward_mean") for m in metrics[-10:]]),
-            "kl_last10": _mean([m.get("kl") for m in metrics[-10:]]),
+            "reward_last10": _mean([m.get("reward/mean") for m in metrics[-10:]]),
+            "kl_last10": _mean([m.get("train/kl") for m in metrics[-10:]]),
             "minutes": round((time.time() - start) / 60, 2),
         })
     write_report(rows, output, steps)
@@ -73,15 +76,16 @@ def write_report(rows: list[dict], output: Path, steps: int) -> None:
              "| KL (last 10) | minutes |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         b, a = r["eval_before"], r["eval_after"]
-        lines.append(f"| {r['variant']} | {b.get('strict', float('nan')):.3f} | {a.get('strict', float('nan')):.3f} "
-                     f"| {a.get('score', float('nan')):.3f} | {r['reward_last10']:.3f} | {r['kl_last10']:.4f} "
+        nan = float("nan")
+        lines.append(f"| {r['variant']} | {b.get('eval/strict', nan):.3f} | {a.get('eval/strict', nan):.3f} "
+                     f"| {a.get('eval/score', nan):.3f} | {r['reward_last10']:.3f} | {r['kl_last10']:.4f} "
                      f"| {r['minutes']} |")
     (output / "ablation.md").write_text("\n".join(lines) + "\n")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
     for r in rows:
         m = read_jsonl(output / r["variant"] / "metrics.jsonl")
-        ax1.plot([x["step"] for x in m], [x.get("reward_mean") for x in m], label=r["variant"])
-        ax2.plot([x["step"] for x in m], [x.get("kl") for x in m], label=r["variant"])
+        ax1.plot([x["step"] for x in m], [x.get("reward/mean") for x in m], label=r["variant"])
+        ax2.plot([x["step"] for x in m], [x.get("train/kl") for x in m], label=r["variant"])
     ax1.set_title("train reward (mean)")
     ax2.set_title("KL to reference (k3)")
     for ax in (ax1, ax2):

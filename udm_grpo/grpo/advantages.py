@@ -105,18 +105,18 @@ def group_advantages(
 def group_stats(scores, group_size: int) -> dict[str, float]:
     """Reward statistics of one rollout (python floats).
 
-    scores: Float[P * G] (prompt-major) or Float[P, G]. Keys: reward_mean, reward_std (population, over all
-    scores), reward_min, reward_max, group_std_mean (mean over prompts of the within-group population std),
+    scores: Float[P * G] (prompt-major) or Float[P, G]. Keys: mean, std (population, over all
+    scores), min, max, group_std_mean (mean over prompts of the within-group population std),
     zero_var_frac (fraction of groups whose G scores are all equal: they give zero advantage, no signal).
     """
     grouped = group_rows(scores, group_size).to(torch.float64)
     group_std = grouped.std(dim=1, unbiased=False)
     zero_var = (grouped.amax(dim=1) == grouped.amin(dim=1)).to(torch.float64)
     return {
-        "reward_mean": grouped.mean().item(),
-        "reward_std": grouped.std(unbiased=False).item(),
-        "reward_min": grouped.min().item(),
-        "reward_max": grouped.max().item(),
+        "mean": grouped.mean().item(),
+        "std": grouped.std(unbiased=False).item(),
+        "min": grouped.min().item(),
+        "max": grouped.max().item(),
         "group_std_mean": group_std.mean().item(),
         "zero_var_frac": zero_var.mean().item(),
     }

@@ -2,15 +2,18 @@
 
 Layout of `<run>/checkpoints/step-<N>/`:
 
-    transformer/          the policy in the official layout (or adapter/ with peft's files for LoRA)
+    transformer/          the policy's float32 master weights in the official layout (or adapter/ with
+                          peft's files for LoRA)
     optimizer.safetensors optimizer state tensors, keys "state.<param index>.<name>"
-    trainer_state.json    step, data cursor, LR-schedule state, optimizer scalars and param groups,
-                          counters, the reference model's fingerprint
+    trainer_state.json    step, prompt-stream cursor, skip counters, number of processes, and the
+                          optimizer's scalars and param groups (its lr is a function of the step)
     rng.rank<r>.safetensors  each process's generator state and torch's global RNG state
 
 A checkpoint is first written to a temporary sibling folder and renamed into place; `latest` is
 then replaced atomically. A process killed during a save leaves the previous checkpoint and
-`latest` untouched (the stray temporary folder is removed by the next save).
+`latest` untouched (the stray temporary folder is removed by the next save). Retention never
+deletes the checkpoint just written, so `latest` always names an existing folder. Files are
+written readable by the group and others as the umask allows (safetensors alone writes 0600).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..errors import UserError
+from ..errors import CheckpointError, UserError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -53,26 +56,49 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoint folders `step-N` of `folder`, oldest step first."""
     if not folder.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 
-def resolve_resume(spec: str, checkpoints: Path) -> Path:
-    """'latest' -> the newest complete checkpoint; otherwise a checkpoint folder path."""
+def latest_checkpoint(checkpoints: Path) -> Path | None:
+    """The folder `latest` names, else the newest complete one; None when there is none."""
+    pointer = checkpoints / "latest"
+    if pointer.is_file():
+        named = checkpoints / pointer.read_text().strip()
+        if (named / "trainer_state.json").is_file():
+            return named
+    found = [p for p in list_checkpoints(checkpoints) if (p / "trainer_state.json").is_file()]
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(spec: str, run_dir: Path | None = None, flag: str = "--resume") -> Path:
+    """A checkpoint folder from 'latest' (the newest of `run_dir`), a run folder (its newest) or a
+    checkpoint folder. UserError naming `flag` otherwise."""
     if spec == "latest":
-        pointer = checkpoints / "latest"
-        if pointer.is_file() and (checkpoints / pointer.read_text().strip()).is_dir():
-            return checkpoints / pointer.read_text().strip()
-        found = list_checkpoints(checkpoints)
-        if not found:
-            raise UserError(f"--resume latest: no checkpoint in {checkpoints}.")
-        return found[-1]
-    path = Path(spec)
-    if not (path / "trainer_state.json").is_file():
-        raise UserError(f"--resume {spec}: not a checkpoint folder (no trainer_state.json).")
-    return path
+        if run_dir is None:
+            raise UserError(f"{flag} latest needs a run folder.")
+        path, what = Path(run_dir), f"{flag} latest"
+    else:
+        path, what = Path(spec), f"{flag} {spec}"
+        if not path.exists():
+            raise UserError(f"{what}: no such folder.")
+        if (path / "trainer_state.json").is_file():
+            return path
+        if not (path / "checkpoints").is_dir():
+            raise UserError(f"{what}: neither a run folder (with checkpoints/) nor a checkpoint folder "
+                            "(with trainer_state.json).")
+    found = latest_checkpoint(path / "checkpoints")
+    if found is None:
+        raise UserError(f"{what}: no checkpoint in {path / 'checkpoints'}.")
+    return found
+
+
+def run_folder_of(checkpoint: Path) -> Path | None:
+    """RUN for RUN/checkpoints/step-N, else None."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None
 
 
 def begin_checkpoint(checkpoints: Path, step: int) -> Path:
@@ -97,7 +123,7 @@ def commit_checkpoint(tmp: Path, write_model, optimizer_state: dict, trainer_sta
     tensors, meta = optimizer_to_flat(optimizer_state)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "optimizer": meta}, indent=1))
-    _fsync_tree(tmp)
+    _finish_files(tmp)
     final = tmp.with_name(tmp.name[: -len(".tmp")])
     if final.exists():
         shutil.rmtree(final)
@@ -106,23 +132,47 @@ def commit_checkpoint(tmp: Path, write_model, optimizer_state: dict, trainer_sta
     pointer.write_text(final.name)
     os.replace(pointer, final.parent / "latest")
     if keep:
-        for old in list_checkpoints(final.parent)[:-keep]:
+        others = [p for p in list_checkpoints(final.parent) if p != final]
+        for old in others[: max(0, len(others) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def load_checkpoint(folder: Path, rank: int = 0) -> tuple[dict, dict, dict[str, torch.Tensor]]:
-    """(optimizer state_dict, trainer state, this rank's rng tensors)."""
-    state = json.loads((folder / "trainer_state.json").read_text())
-    optimizer = optimizer_from_flat(load_file(str(folder / "optimizer.safetensors")), state.pop("optimizer"))
+    """(optimizer state_dict, trainer state, this rank's rng tensors). A damaged file raises
+    CheckpointError naming it."""
+    state_file, opt_file = folder / "trainer_state.json", folder / "optimizer.safetensors"
     rng_file = folder / f"rng.rank{rank}.safetensors"
-    if not rng_file.is_file():
+    if not rng_file.is_file() and state_file.is_file():
         raise UserError(f"{folder}: no RNG state for process {rank}; resume with the same number of processes.")
-    return optimizer, state, load_file(str(rng_file))
+    try:
+        state = json.loads(state_file.read_text())
+        optimizer = optimizer_from_flat(_read_tensors(opt_file), state.pop("optimizer"))
+        rng = _read_tensors(rng_file)
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{folder}: damaged checkpoint ({type(e).__name__}: {e}); resume from another "
+                              "one with --resume PATH.") from None
+    return optimizer, state, rng
 
 
-def _fsync_tree(folder: Path) -> None:
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete.") from None
+    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
+        raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: {e}); the checkpoint is damaged, "
+                              "resume from another one with --resume PATH.") from None
+
+
+def _finish_files(folder: Path) -> None:
+    """fsync every file, and give it the mode the umask allows (safetensors writes 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
     for path in folder.rglob("*"):
         if path.is_file():
+            os.chmod(path, 0o666 & ~mask)
             with open(path, "rb") as f:
                 os.fsync(f.fileno())

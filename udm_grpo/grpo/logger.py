@@ -33,8 +33,7 @@ class RunLogger:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         with open(self.run_dir / file, "a") as f:
             f.write(json.dumps({"step": step, **clean}) + "\n")
-        prefix = "eval/" if file.startswith("eval") else ""
-        numeric = {f"{prefix}{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
+        numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
         if self.writer is not None:
             for k, v in numeric.items():
                 self.writer.add_scalar(k, v, step)
@@ -64,24 +63,44 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def plot_curves(run_dir: Path, out: Path | None = None) -> Path:
-    """reward mean (with held-out eval when present) and KL against step -> curves.png."""
+    """curves.png: train reward mean, held-out eval metrics and KL against step, each in its own labelled panel.
+
+    Reads the namespaced keys (`reward/mean`, `train/kl`, `eval/strict` ...) or the older flat ones
+    (`reward_mean`, `kl`, `strict` ...); a line whose key is absent is left out.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def series(rows: list[dict], *keys: str) -> tuple[list, list]:
+        steps, values = [], []
+        for r in rows:
+            v = next((r[k] for k in keys if r.get(k) is not None), None)
+            if v is not None and "step" in r:
+                steps.append(r["step"])
+                values.append(v)
+        return steps, values
+
     run_dir = Path(run_dir)
     rows, evals = read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "eval.jsonl")
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    steps = [r["step"] for r in rows]
-    ax1.plot(steps, [r.get("reward_mean") for r in rows], label="train reward (mean)")
-    if evals:
-        ax1.plot([e["step"] for e in evals], [e.get("strict") for e in evals], "o-", label="held-out strict")
-    ax1.set_xlabel("step")
-    ax1.legend()
-    ax2.plot(steps, [r.get("kl") for r in rows], color="tab:red")
-    ax2.set_xlabel("step")
-    ax2.set_ylabel("KL (k3)")
+    fig, (ax_r, ax_e, ax_k) = plt.subplots(1, 3, figsize=(14, 3.8))
+    panels = [
+        (ax_r, rows, [("train reward (mean)", ("reward/mean", "reward_mean"))], "reward", "train reward per step"),
+        (ax_e, evals, [("held-out strict", ("eval/strict", "strict")), ("held-out score", ("eval/score", "score"))],
+         "accuracy / score", "held-out eval"),
+        (ax_k, rows, [("KL (k3)", ("train/kl", "kl"))], "KL (k3)", "KL to the reference"),
+    ]
+    for ax, source, lines, ylabel, title in panels:
+        for label, keys in lines:
+            steps, values = series(source, *keys)
+            if steps:
+                ax.plot(steps, values, "o-" if source is evals else "-", label=label, markersize=3)
+        ax.set(xlabel="step", ylabel=ylabel, title=title)
+        if ax.lines:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
     fig.tight_layout()
     out = Path(out or run_dir / "curves.png")
     fig.savefig(out, dpi=100)

@@ -52,8 +52,15 @@ def rollout(
     generator: torch.Generator,
     batch_size: int | None = None,
 ) -> Rollout:
-    """Sample one image per entry of `prompts` (already repeated G times) with `model`, in batches."""
+    """Sample one image per entry of `prompts` (already repeated G times) with `model`, in batches.
+    An empty `prompts` (a process with no share of the prompts) gives an empty Rollout."""
     grid = pipe.grid(height, width)
+    if not prompts:
+        none = torch.zeros(0, grid[0] * grid[1], dtype=torch.long, device=pipe.device)
+        size = (grid[0] * pipe.vae.spatial_stride, grid[1] * pipe.vae.spatial_stride)
+        return Rollout([], list(metadata), torch.zeros(0, pipe.max_prompt_length, dtype=torch.long), None, grid,
+                       none, none[None], none[None], torch.zeros(0, dtype=torch.float64),
+                       np.zeros((0, *size, 3), dtype=np.uint8))
     text = pipe.encode_prompt(prompts)
     uncond = pipe.encode_prompt([""] * len(prompts)) if guidance_scale != 1.0 else None
     batch_size = batch_size or len(prompts)

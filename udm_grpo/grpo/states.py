@@ -32,7 +32,7 @@ class TrainingStates:
 
 def pick_train_steps(train_start: list[int], train_steps: int, generator: torch.Generator) -> list[int]:
     lo, hi = train_start
-    start = int(torch.randint(lo, hi, (1,), generator=generator))
+    start = int(torch.randint(lo, hi, (1,), generator=generator, device=generator.device))
     return list(range(start, start + train_steps))
 
 

@@ -1,15 +1,19 @@
-"""UDMGRPOTrainer: rollout -> reward -> advantages -> states -> objective -> step, on accelerate.
+"""UDMGRPOTrainer: rollout -> reward -> advantages -> micro-batches -> update, on accelerate.
 
 One optimiser step (`train_step`):
-1. P prompts from the stream (the same on every process), each repeated G times (prompt-major);
-   process r takes its contiguous slice of the P*G samples.
-2. Rollout with the live policy under no_grad (CFG-free unless rollout.guidance_scale > 1).
-3. Reward; scores are gathered from all processes and group-normalised into advantages.
-4. Reduced-Step: `train_steps` consecutive steps from a random start; states and actions per
-   `forward_process` / `clean_response`.
-5. For each (trained step, micro-batch): log-prob of the action, ratio/clip, k3 KL to the reference;
-   the loss is the mean over all (sample, step) pairs; `updates_per_rollout` > 1 reuses the rollout
-   with stored old log-probs. Non-finite rewards, losses or gradients skip the update.
+1. rollout: P prompts from the stream (the same on every process), each repeated G times
+   (prompt-major); process r samples its contiguous slice of the P*G images with the live policy.
+2. reward: scores are gathered from all processes and group-normalised into advantages.
+3. micro-batches: Reduced-Step picks `train_steps` consecutive steps from a random start; states and
+   actions per `forward_process` / `clean_response`; reference (and, for reused rollouts, old)
+   log-probs are computed once.
+4. update: log-prob of the action, ratio/clip, k3 KL; the loss is the mean over all (sample, step)
+   pairs, accumulated over the micro-batches. Non-finite rewards, losses or gradients skip the update
+   on every process together (the decision is all-reduced, so no process waits alone in a collective).
+
+Precision: the trained weights are float32 masters (what the optimiser updates and checkpoints keep);
+with `model.dtype: bfloat16` (or `training.mixed_precision: bf16`) every forward runs under bf16
+autocast and the frozen reference is stored in bf16.
 """
 
 from __future__ import annotations
@@ -18,34 +22,50 @@ import contextlib
 import copy
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..config import Config, save_resolved
-from ..data.prompts import PromptStream, balance_tags, load_prompts
+from ..data.prompts import PromptStream, load_prompts
 from ..diffusion.sampler import guided_logits
 from ..errors import UserError
 from ..models.pipeline import URSAPipeline
 from .advantages import expand_prompts, group_advantages, group_stats
 from .batching import plan_from_config
-from .checkpoint import begin_checkpoint, commit_checkpoint, load_checkpoint, resolve_resume, write_rng
+from .checkpoint import begin_checkpoint, commit_checkpoint, load_checkpoint, resolve_checkpoint, write_rng
+from .control import StopOnSigint, all_processes, prepare_run_dir
+from .evaluation import eval_records, summarise_eval
 from .logger import RunLogger, plot_curves
 from .objective import action_log_probs, grpo_loss, token_entropy
-from .rollout import rollout
+from .rollout import Rollout, rollout
 from .states import pick_train_steps, training_states
-
-
-def eval_records(records: list[dict], e) -> list[dict]:
-    """The held-out evaluation set: `eval_images_per_tag` images per tag when every record has a tag,
-    else the first `num_eval_prompts` prompts with `eval_images_per_prompt` images each."""
-    if e.eval_images_per_tag and all("tag" in r for r in records):
-        return balance_tags(records, e.eval_images_per_tag)
-    return [x for x in records[: e.num_eval_prompts] for _ in range(e.eval_images_per_prompt)]
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. repeated non-finite updates)."""
+
+
+@dataclass
+class MicroBatch:
+    """One unit of the objective: a slice of this process's samples at one trained step (time t) on a
+    token grid (h, w).
+
+    text / uncond: Long[b, L]; states: Long[b, N] (x_t fed to the model); actions: Long[b, N];
+    advantages: Float[b]; ref_logp: Float[b, N] under the reference (None without KL);
+    old_logp: Float[b] sequence-mean log-probs at rollout time (only when rollouts are reused).
+    """
+
+    t: float
+    grid: tuple[int, int]
+    text: torch.Tensor
+    uncond: torch.Tensor | None
+    states: torch.Tensor
+    actions: torch.Tensor
+    advantages: torch.Tensor
+    ref_logp: torch.Tensor | None = None
+    old_logp: torch.Tensor | None = None
 
 
 class _ImageLogits(torch.nn.Module):
@@ -67,6 +87,13 @@ class _Caller:
 
 
 class UDMGRPOTrainer:
+    """UDM-GRPO on accelerate. `train()` runs the loop (resume, evaluation, checkpoints, logs);
+    `train_step()` is one optimiser step; `save()` / `resume(spec)` write and read checkpoints.
+
+    `pipeline` (default: loaded from `model.path`, or the shipped tiny world) and `reward` (default:
+    built from `reward.name`) can be passed in; the transformer is trained in place.
+    """
+
     def __init__(self, config: Config, pipeline: URSAPipeline | None = None, reward=None, accelerator=None,
                  progress: bool = True):
         from accelerate import Accelerator
@@ -77,11 +104,13 @@ class UDMGRPOTrainer:
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.plan = plan_from_config(c, self.world)
         self.progress = progress and self.acc.is_main_process
+        bf16 = c.model.dtype == "bfloat16" or c.training.mixed_precision == "bf16"
+        self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
         if pipeline is None:
             from ..tinyworld import SHIPPED_MODEL
 
-            dtype = torch.bfloat16 if c.model.dtype == "bfloat16" else torch.float32
-            pipeline = URSAPipeline.from_pretrained(c.model.path or SHIPPED_MODEL, device=self.acc.device, dtype=dtype)
+            pipeline = URSAPipeline.from_pretrained(c.model.path or SHIPPED_MODEL, device=self.acc.device,
+                                                    dtype=torch.float32)
         self.pipe = pipeline
         if reward is None:
             from ..rewards import build_reward
@@ -92,161 +121,190 @@ class UDMGRPOTrainer:
         model.set_gradient_checkpointing(c.model.gradient_checkpointing)
         self.lora = c.model.lora is not None
         self.reference = None
-        if self.lora:
+        if self.lora:  # frozen base in the compute dtype; peft keeps the adapters in float32
             from peft import LoraConfig, get_peft_model
 
-            model = get_peft_model(model, LoraConfig(**c.model.lora))
+            model = get_peft_model(model.to(self.compute_dtype), LoraConfig(**c.model.lora))
         elif c.reward.kl_beta > 0:
-            self.reference = copy.deepcopy(model).requires_grad_(False).eval()
-        self.model = model
+            self.reference = copy.deepcopy(model).to(self.compute_dtype).requires_grad_(False).eval()
         params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:  # float32 master weights: bf16 weights would round away updates below 2^-8 relative
+            p.data = p.data.float()
+        self.model = model.train()
         opt = torch.optim.AdamW(params, lr=c.training.lr, betas=tuple(c.training.betas),
                                 weight_decay=c.training.weight_decay)
         self.policy, self.optimizer = self.acc.prepare(_ImageLogits(model), opt)
         self.generator = torch.Generator(device=self.acc.device).manual_seed(c.training.seed + 1000 * self.rank)
-        train_source = c.data.train or "shapes:train"
-        self.data = PromptStream(load_prompts(train_source), c.training.seed, c.data.shuffle)
+        self.data = PromptStream(load_prompts(c.data.train or "shapes:train"), c.training.seed, c.data.shuffle)
         self.eval_records = eval_records(load_prompts(c.data.test or "shapes:test"), c.experiment)
         self.step, self.nonfinite, self.skipped = 0, 0, 0
         self.run_dir = Path(c.experiment.output_dir)
         self.logger = None
+        self._last_eval_images = None
+
+    def autocast(self):
+        return torch.autocast(self.acc.device.type, dtype=torch.bfloat16, enabled=self.compute_dtype != torch.float32)
+
+    @contextlib.contextmanager
+    def _sampling(self):
+        """Rollouts and evaluation: no grad, eval mode (no dropout), compute-dtype autocast."""
+        model = self.acc.unwrap_model(self.policy).model
+        model.eval()
+        try:
+            with torch.no_grad(), self.autocast():
+                yield model
+        finally:
+            model.train()
+
+    def _all(self, flag: bool) -> bool:
+        return all_processes(self.acc, flag)
 
     # ---- one optimiser step -----------------------------------------------------------------
-    def _policy_logits(self, text, states, grid, t, uncond, module=None):
-        """Training logits Float[B, N, K]: the guided mixture when the rollout used guidance at t."""
-        call = _Caller(module or (lambda a, b, g: self.policy(a, b, g)))
-        r = self.cfg.sampling.rollout
-        scale = r.guidance_scale if t < r.guidance_trunc else 1.0
-        return guided_logits(call, text, states, grid, scale, uncond)
-
-    def _reference_logp(self, text, states, actions, grid, t, uncond):
-        if not self.lora and self.reference is None:
-            return None
-        with torch.no_grad():
-            if self.lora:
-                with self.acc.unwrap_model(self.policy).model.disable_adapter():
-                    logits = self._policy_logits(text, states, grid, t, uncond)
-            else:
-                logits = self._policy_logits(text, states, grid, t, uncond, self.reference.image_logits)
-            return action_log_probs(logits, actions)
-
     def train_step(self) -> dict:
-        c, G = self.cfg, self.cfg.sampling.num_images_per_prompt
-        timer = {"start": time.perf_counter()}
-        records = self.data.next(c.sampling.num_prompts_per_step)
-        expanded = expand_prompts(records, G)
-        per = self.plan.images_per_process
+        """One optimiser step (`updates_per_rollout` updates on one rollout). Returns its metrics,
+        namespaced `reward/`, `train/` and `time/`; a skipped step has `train/skipped` (the reason)."""
+        c = self.cfg
+        clock = [("start", time.perf_counter())]
+        ro = self._rollout()
+        clock.append(("rollout", time.perf_counter()))
+        scores, metrics = self._reward(ro)
+        clock.append(("reward", time.perf_counter()))
+        if not torch.isfinite(scores).all():
+            return self._skip(metrics, "non-finite reward")
+        stats = group_stats(scores.cpu(), c.sampling.num_images_per_prompt)
+        metrics.update({f"reward/{k}": v for k, v in stats.items()})
+        steps = pick_train_steps(c.sampling.train_start, c.sampling.train_steps, self.generator)
+        micro = self._micro_batches(ro, self._advantages(scores), steps)
+        clock.append(("states", time.perf_counter()))
+        update = self._update(micro)
+        if update is None:
+            return self._skip(metrics, "non-finite loss or gradient")
+        clock.append(("update", time.perf_counter()))
+        self.nonfinite = 0
+        metrics.update(update)
+        metrics["train/steps"] = f"{steps[0]}-{steps[-1]}"
+        metrics.update({f"time/{name}": round(t - clock[i][1], 4) for i, (name, t) in enumerate(clock[1:])})
+        metrics["time/total"] = round(clock[-1][1] - clock[0][1], 4)
+        return metrics
+
+    def _rollout(self) -> Rollout:
+        """This process's share of P prompts x G images, with the trajectory."""
+        c, per = self.cfg, self.plan.images_per_process
+        expanded = expand_prompts(self.data.next(c.sampling.num_prompts_per_step), c.sampling.num_images_per_prompt)
         local = expanded[self.rank * per: (self.rank + 1) * per]
         r = c.sampling.rollout
-        unwrapped = self.acc.unwrap_model(self.policy).model
-        ro = rollout(self.pipe, unwrapped, [x["prompt"] for x in local], local, r.num_inference_steps,
-                     r.guidance_scale, r.guidance_trunc, r.height, r.width, self.generator, r.batch_size)
-        timer["rollout"] = time.perf_counter()
+        with self._sampling() as model:
+            return rollout(self.pipe, model, [x["prompt"] for x in local], local, r.num_inference_steps,
+                           r.guidance_scale, r.guidance_trunc, r.height, r.width, self.generator, r.batch_size)
+
+    def _reward(self, ro: Rollout) -> tuple[torch.Tensor, dict]:
+        """(scores Float[P*G] gathered from all processes, `reward/<value>` means over all images)."""
         out = self.reward(ro.images, ro.prompts, ro.metadata)
-        scores = self.acc.gather(torch.as_tensor(out.scores, dtype=torch.float32, device=self.acc.device))
-        timer["reward"] = time.perf_counter()
-        metrics: dict = {}
-        for name, values in out.values.items():
-            v = self.acc.gather(torch.as_tensor(values, dtype=torch.float32, device=self.acc.device))
-            metrics[f"reward_{name}"] = v.float().mean().item()
-        if not torch.isfinite(scores).all():
-            return self._skip(metrics, "non-finite reward", timer)
-        metrics.update(group_stats(scores.cpu(), G))
-        adv_all = group_advantages(scores.cpu(), G, c.reward.global_std, c.reward.advantage_eps,
-                                   c.reward.advantage_clipping).float()
-        adv = adv_all[self.rank * per: (self.rank + 1) * per].to(self.acc.device)
-        steps = pick_train_steps(c.sampling.train_start, c.sampling.train_steps, self.generator)
-        batches = training_states(ro, steps, self.pipe.scheduler.path, c.sampling.forward_process,
-                                  c.sampling.clean_response, self.generator)
-        mb = self.plan.micro_batch_size
-        micro = [(ts, slice(i, i + mb)) for ts in batches for i in range(0, per, mb)]
-        ref_logp = [self._reference_logp(ro.text_ids[s], ts.states[s], ts.actions[s], ro.grid, ts.t,
-                                         None if ro.uncond_ids is None else ro.uncond_ids[s]) for ts, s in micro]
-        old_logp = [None] * len(micro)
-        if c.training.updates_per_rollout > 1:
-            with torch.no_grad():
-                old_logp = [action_log_probs(self._policy_logits(ro.text_ids[s], ts.states[s], ro.grid, ts.t,
-                                                                 None if ro.uncond_ids is None else ro.uncond_ids[s]),
-                                             ts.actions[s]).mean(1) for ts, s in micro]
+        gather = lambda x: self.acc.gather(torch.as_tensor(x, dtype=torch.float32, device=self.acc.device))  # noqa: E731
+        metrics = {f"reward/{name}": gather(values).mean().item() for name, values in out.values.items()}
+        return gather(out.scores), metrics
+
+    def _advantages(self, scores: torch.Tensor) -> torch.Tensor:
+        """This process's slice of the group advantages, Float[images_per_process]."""
+        r, per = self.cfg.reward, self.plan.images_per_process
+        adv = group_advantages(scores.cpu(), self.cfg.sampling.num_images_per_prompt, r.global_std,
+                               r.advantage_eps, r.advantage_clipping).float()
+        return adv[self.rank * per: (self.rank + 1) * per].to(self.acc.device)
+
+    def _micro_batches(self, ro: Rollout, adv: torch.Tensor, steps: list[int]) -> list[MicroBatch]:
+        """Training states at the trained steps, split into micro-batches, with reference and old log-probs."""
+        s = self.cfg.sampling
+        trained = training_states(ro, steps, self.pipe.scheduler.path, s.forward_process, s.clean_response,
+                                  self.generator)
+        mb, n = self.plan.micro_batch_size, len(ro)
+        micro = [MicroBatch(ts.t, ro.grid, ro.text_ids[sl], None if ro.uncond_ids is None else ro.uncond_ids[sl],
+                            ts.states[sl], ts.actions[sl], adv[sl])
+                 for ts in trained for sl in (slice(i, i + mb) for i in range(0, n, mb))]
+        with torch.no_grad(), self.autocast():
+            for m in micro:
+                m.ref_logp = self._reference_logp(m)
+                if self.cfg.training.updates_per_rollout > 1:
+                    m.old_logp = action_log_probs(self._policy_logits(m), m.actions).mean(1)
+        return micro
+
+    def _policy_logits(self, m: MicroBatch, module=None) -> torch.Tensor:
+        """Training logits Float[b, N, K]: the guided mixture when the rollout used guidance at t."""
+        call = _Caller(module or (lambda a, b, g: self.policy(a, b, g)))
+        r = self.cfg.sampling.rollout
+        scale = r.guidance_scale if m.t < r.guidance_trunc else 1.0
+        return guided_logits(call, m.text, m.states, m.grid, scale, m.uncond)
+
+    def _reference_logp(self, m: MicroBatch) -> torch.Tensor | None:
+        if self.lora:
+            with self.acc.unwrap_model(self.policy).model.disable_adapter():
+                return action_log_probs(self._policy_logits(m), m.actions)
+        if self.reference is None:
+            return None
+        return action_log_probs(self._policy_logits(m, self.reference.image_logits), m.actions)
+
+    def _update(self, micro: list[MicroBatch]) -> dict | None:
+        """Accumulate the loss over the micro-batches and step the optimiser (`updates_per_rollout` times).
+        Returns `train/` metrics averaged over micro-batches and processes, or None when skipped."""
+        c = self.cfg
         sums: dict[str, float] = {}
+        weight = 1.0 / (len(micro) * c.training.updates_per_rollout)
+        grad_norm = float("nan")
         for update in range(c.training.updates_per_rollout):
             self.optimizer.zero_grad(set_to_none=True)
-            finite = True
-            for i, (ts, s) in enumerate(micro):
-                uncond = None if ro.uncond_ids is None else ro.uncond_ids[s]
+            for i, m in enumerate(micro):
                 sync = i == len(micro) - 1
                 with self.acc.no_sync(self.policy) if not sync else contextlib.nullcontext():
-                    logits = self._policy_logits(ro.text_ids[s], ts.states[s], ro.grid, ts.t, uncond)
-                    logp = action_log_probs(logits, ts.actions[s])
-                    loss, m = grpo_loss(logp, adv[s], None if update == 0 else old_logp[i], ref_logp[i],
-                                        c.reward.ratio_clipping, c.reward.kl_beta, c.reward.kl_mode)
-                    if not torch.isfinite(loss):
-                        finite = False
-                        break
+                    with self.autocast():
+                        logits = self._policy_logits(m)
+                        logp = action_log_probs(logits, m.actions)
+                    loss, values = grpo_loss(logp, m.advantages, m.old_logp if update else None, m.ref_logp,
+                                             c.reward.ratio_clipping, c.reward.kl_beta, c.reward.kl_mode)
+                    if not self._all(bool(torch.isfinite(loss))):
+                        self.optimizer.zero_grad(set_to_none=True)
+                        return None
                     self.acc.backward(loss / len(micro))
-                m["entropy"] = token_entropy(logits.detach()).mean().item()
-                for k, v in m.items():
-                    sums[k] = sums.get(k, 0.0) + v / (len(micro) * c.training.updates_per_rollout)
-            grad_norm = float("nan")
-            if finite:
-                max_norm = c.training.max_grad_norm or float("inf")
-                grad_norm = float(self.acc.clip_grad_norm_(self.policy.parameters(), max_norm))
-            if not finite or not math.isfinite(grad_norm):
+                values["entropy"] = token_entropy(logits.detach().float()).mean().item()
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + v * weight
+            grad_norm = float(self.acc.clip_grad_norm_(self.policy.parameters(), c.training.max_grad_norm or math.inf))
+            if not self._all(math.isfinite(grad_norm)):
                 self.optimizer.zero_grad(set_to_none=True)
-                return self._skip({**metrics, **sums}, "non-finite loss or gradient", timer)
+                return None
+            lr = c.training.lr * min(1.0, (self.step + 1) / max(1, c.training.lr_warmup_steps))
             for group in self.optimizer.param_groups:  # a function of the step: resumes exactly
-                group["lr"] = c.training.lr * min(1.0, (self.step + 1) / max(1, c.training.lr_warmup_steps))
+                group["lr"] = lr
             self.optimizer.step()
-            metrics["grad_norm"] = grad_norm
-        timer["train"] = time.perf_counter()
-        self.nonfinite = 0
         if self.world > 1:  # per-process means -> means over all processes (equal shares)
             reduced = self.acc.reduce(torch.tensor(list(sums.values()), device=self.acc.device), "mean")
             sums = dict(zip(sums, reduced.tolist(), strict=True))
-        metrics.update(sums)
-        metrics.update(self._times(timer))
-        metrics["train_steps"] = f"{steps[0]}-{steps[-1]}"
-        return metrics
+        return {**{f"train/{k}": v for k, v in sums.items()}, "train/grad_norm": grad_norm, "train/lr": lr}
 
-    def _times(self, timer: dict) -> dict:
-        marks = list(timer.items())
-        return {f"time_{name}": round(t - marks[i][1], 4) for i, (name, t) in enumerate(marks[1:])}
-
-    def _skip(self, metrics: dict, why: str, timer: dict) -> dict:
+    def _skip(self, metrics: dict, why: str) -> dict:
         self.nonfinite += 1
         self.skipped += 1
-        metrics.update({"skipped": why, "skipped_total": self.skipped})
+        metrics.update({"train/skipped": why, "train/skipped_total": self.skipped})
         if self.nonfinite > self.cfg.training.max_nonfinite:
             raise TrainingError(f"{self.nonfinite} consecutive updates were skipped ({why}); stopping. Check the "
                                 "reward and lower training.lr (the weights were never updated with bad values).")
         return metrics
 
     # ---- evaluation and samples -------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out prompts (never optimised), fixed seed. Per reward value: the mean over images
-        (`NAME_images`) and, for tagged prompts, per tag (`NAME/TAG`) and their mean (`NAME`, GenEval's
-        overall); `score` is the reward's own score."""
+        """Held-out prompts (never optimised), fixed seed; see `evaluation.summarise_eval` for the keys.
+        Processes sample contiguous shares of the records; trailing processes may get none."""
         e, records = self.cfg.experiment, self.eval_records
         per = math.ceil(len(records) / self.world)
         local = records[self.rank * per: (self.rank + 1) * per]
         gen = torch.Generator(device=self.acc.device).manual_seed(12345 + self.rank)
         r = self.cfg.sampling.rollout
-        ro = rollout(self.pipe, self.acc.unwrap_model(self.policy).model, [x["prompt"] for x in local], local,
-                     e.eval_num_inference_steps, e.eval_guidance_scale, r.guidance_trunc, r.height, r.width, gen,
-                     r.batch_size)
+        with self._sampling() as model:
+            ro = rollout(self.pipe, model, [x["prompt"] for x in local], local, e.eval_num_inference_steps,
+                         e.eval_guidance_scale, r.guidance_trunc, r.height, r.width, gen, r.batch_size)
         out = self.reward(ro.images, ro.prompts, ro.metadata)
-        result = {"score": self._gather_all(out.scores, len(records)).mean().item()}
-        tags = [x.get("tag") for x in records]
-        for name, values in out.values.items():
-            v = self._gather_all(values, len(records))
-            result[f"{name}_images"] = v.mean().item()
-            if all(tags):
-                by_tag = {t: v[[i for i, x in enumerate(tags) if x == t]].mean().item() for t in dict.fromkeys(tags)}
-                result[name] = sum(by_tag.values()) / len(by_tag)
-                result.update({f"{name}/{t}": m for t, m in by_tag.items()})
-        self._last_eval_images = ro.images
-        return result
+        scores = self._gather_all(out.scores, len(records))
+        values = {name: self._gather_all(v, len(records)) for name, v in out.values.items()}
+        self._last_eval_images = ro.images if self.rank == 0 else None
+        return summarise_eval(records, scores, values)
 
     def _gather_all(self, values, n: int) -> torch.Tensor:
         """Float[n]: per-process values (contiguous shares, only trailing ones short) from every process."""
@@ -254,17 +312,20 @@ class UDMGRPOTrainer:
         return self.acc.gather(self.acc.pad_across_processes(local)).cpu()[:n]
 
     def _save_samples(self) -> None:
+        """16 of the main process's held-out images, each captioned with its prompt."""
         from ..images import make_grid, save_png
 
-        if self.acc.is_main_process and getattr(self, "_last_eval_images", None) is not None:
-            pick = sorted(set(torch.linspace(0, len(self._last_eval_images) - 1, 16).long().tolist()))
-            labels = [self.eval_records[i]["prompt"] for i in pick]
-            save_png(make_grid(self._last_eval_images[pick], nrow=4, scale=2),
-                     self.run_dir / "samples" / f"step-{self.step:06d}.png")
-            (self.run_dir / "samples" / f"step-{self.step:06d}.txt").write_text("\n".join(labels) + "\n")
+        images = self._last_eval_images
+        if not self.acc.is_main_process or images is None or not len(images):
+            return
+        pick = sorted(set(torch.linspace(0, len(images) - 1, min(16, len(images))).long().tolist()))
+        captions = [self.eval_records[i]["prompt"] for i in pick]
+        save_png(make_grid(images[pick], nrow=4, scale=2, captions=captions),
+                 self.run_dir / "samples" / f"step-{self.step:06d}.png")
 
     # ---- checkpoints --------------------------------------------------------------------------
     def save(self) -> Path:
+        """Write `<run>/checkpoints/step-N` atomically (all processes take part) and return it."""
         checkpoints = self.run_dir / "checkpoints"
         tmp = checkpoints / f"step-{self.step:06d}.tmp"
         if self.acc.is_main_process:
@@ -272,7 +333,6 @@ class UDMGRPOTrainer:
         self.acc.wait_for_everyone()
         write_rng(tmp, self.rank, {"generator": self.generator.get_state(), "torch": torch.get_rng_state()})
         self.acc.wait_for_everyone()
-        final = tmp.with_name(tmp.name[:-4])
         if self.acc.is_main_process:
             model = self.acc.unwrap_model(self.policy).model
             state = {"step": self.step, "data": self.data.state(), "skipped": self.skipped,
@@ -280,10 +340,12 @@ class UDMGRPOTrainer:
             commit_checkpoint(tmp, lambda d: model.save_pretrained(d / ("adapter" if self.lora else "transformer")),
                               self.optimizer.state_dict(), state, self.cfg.experiment.keep_checkpoints)
         self.acc.wait_for_everyone()
-        return final
+        return tmp.with_name(tmp.name[:-4])
 
     def resume(self, spec: str) -> Path:
-        folder = resolve_resume(spec, self.run_dir / "checkpoints")
+        """Restore weights, optimizer, prompt cursor, counters and RNG from 'latest', a run folder or a
+        checkpoint folder; returns the checkpoint folder."""
+        folder = resolve_checkpoint(spec, self.run_dir)
         opt_state, state, rng = load_checkpoint(folder, self.rank)
         if state.get("world_size", 1) != self.world:
             raise UserError(f"{folder} was written by {state['world_size']} processes; resume with the same number.")
@@ -296,7 +358,7 @@ class UDMGRPOTrainer:
         else:
             from ..models.transformer import URSATransformer
 
-            loaded = URSATransformer.from_pretrained(folder / "transformer", dtype=next(model.parameters()).dtype)
+            loaded = URSATransformer.from_pretrained(folder / "transformer", dtype=torch.float32)
             model.load_state_dict(loaded.state_dict())
         self.optimizer.load_state_dict(opt_state)
         self.data.load_state(state["data"])
@@ -306,48 +368,60 @@ class UDMGRPOTrainer:
         return folder
 
     # ---- the loop -----------------------------------------------------------------------------
-    def train(self, max_steps: int | None = None, resume: str | None = None) -> dict:
-        """Run until `max_steps` (default training.max_steps). Returns the last metrics and eval."""
+    def train(self, max_steps: int | None = None, resume: str | None = None, force: bool = False) -> dict:
+        """Run until `max_steps` (the total, default training.max_steps); `resume`: 'latest', a run folder
+        or a checkpoint folder. Ctrl-C (SIGINT) finishes the current step, saves a checkpoint and returns
+        with "interrupted": True. Returns {"metrics", "eval", "first_eval", "step", "interrupted"}."""
         from tqdm.auto import tqdm
 
         c, e = self.cfg, self.cfg.experiment
         max_steps = max_steps or c.training.max_steps
         resume = resume or e.resume_from_checkpoint
-        if resume:
-            folder = self.resume(resume)
-            if self.acc.is_main_process:
-                print(f"resumed from {folder} at step {self.step}")
+        folder = resolve_checkpoint(resume, self.run_dir) if resume else None
+        if self.step == 0 or folder is not None:  # not when this trainer goes on with its own run
+            prepare_run_dir(self.acc, self.run_dir, folder, force)
+        if folder is not None:
+            self.resume(str(folder))
+            if self.step >= max_steps:
+                raise UserError(f"{folder} is at step {self.step}, which already reaches the {max_steps} steps asked "
+                                f"for; pass the new total, e.g. --steps {self.step + max(1, e.save_every or 20)}.")
         if self.acc.is_main_process:
+            if folder is not None:
+                print(f"resumed from {folder} at step {self.step}")
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved(c, self.run_dir / "config.yaml")
             self.logger = RunLogger(self.run_dir, wandb_config=None if not e.wandb else vars(c))
-            if resume:
+            if folder is not None:
                 self.logger.truncate_after(self.step)
-            print(self.plan.describe())
-        last_eval: dict = {}
-        if self.step == 0 and e.eval_every:
-            last_eval = self._eval_and_log()
+            print(f"{self.world} process(es) on {self.acc.device}; {self.plan.describe()}")
+        first_eval = last_eval = self._eval_and_log() if self.step == 0 and e.eval_every else {}
         bar = tqdm(total=max_steps, initial=self.step, desc="udm-grpo", disable=not self.progress)
         metrics: dict = {}
-        while self.step < max_steps:
-            metrics = self.train_step()
-            self.step += 1
-            bar.update(1)
-            bar.set_postfix(reward=f"{metrics.get('reward_mean', float('nan')):.3f}",
-                            kl=f"{metrics.get('kl', float('nan')):.4f}")
-            if self.logger and (self.step % e.log_every == 0 or "skipped" in metrics):
-                self.logger.log(self.step, metrics)
-            if e.eval_every and self.step % e.eval_every == 0:
-                last_eval = self._eval_and_log()
-            if (e.save_every and self.step % e.save_every == 0) or self.step == max_steps:
-                self.save()
+        interrupted = False
+        with StopOnSigint() as stop:
+            while self.step < max_steps:
+                metrics = self.train_step()
+                self.step += 1
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
+                                kl=f"{metrics.get('train/kl', float('nan')):.4f}")
+                if self.logger and (self.step % e.log_every == 0 or "train/skipped" in metrics):
+                    self.logger.log(self.step, metrics)
+                interrupted = not self._all(not stop.requested)
+                if e.eval_every and self.step % e.eval_every == 0 and not interrupted:
+                    last_eval = self._eval_and_log()
+                if interrupted or (e.save_every and self.step % e.save_every == 0) or self.step == max_steps:
+                    self.save()
+                if interrupted:
+                    break
         bar.close()
         if self.logger:
-            if e.eval_every and self.step % e.eval_every != 0:
+            if e.eval_every and self.step % e.eval_every != 0 and not interrupted:
                 last_eval = self._eval_and_log()
             plot_curves(self.run_dir)
             self.logger.close()
-        return {"metrics": metrics, "eval": last_eval, "step": self.step}
+        return {"metrics": metrics, "eval": last_eval, "first_eval": first_eval, "step": self.step,
+                "interrupted": interrupted}
 
     def _eval_and_log(self) -> dict:
         result = self.evaluate()
@@ -355,3 +429,4 @@ class UDMGRPOTrainer:
             self.logger.log(self.step, result, "eval.jsonl")
             self._save_samples()
         return result
+

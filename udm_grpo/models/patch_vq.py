@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .vae import (
+from .io import (
     DIFFUSERS_VERSION,
     check_int,
     check_size,
@@ -165,7 +165,7 @@ class PatchVQ(nn.Module):
         """Load a `vae/` folder written by `save_pretrained` (or a legacy .bin). Default dtype float32."""
         folder = Path(folder)
         dtype = resolve_dtype(dtype)
-        data, path = read_config(folder)
+        data, path = read_config(folder, "vae")
         config = PatchVQConfig.from_dict(data, source=str(path))
         with torch.device("meta"):
             model = cls(config)
@@ -222,11 +222,12 @@ def _kmeans_pp(points: torch.Tensor, weights: torch.Tensor, k: int, gen: torch.G
     its count), so seeding costs O(k^2 D) rather than O(k M D); Lloyd's iterations then use all points.
     """
     m, dim = points.shape
-    spare = torch.rand(k, dim, generator=gen) * 2 - 1  # drawn first so the stream never depends on M
+    # drawn first so the stream never depends on M
+    spare = torch.rand(k, dim, generator=gen, device=gen.device).to(points.device) * 2 - 1
     if m <= k:
         return torch.cat([points, spare[: k - m]])
     if m > _SEED_POOL * k:
-        pool = torch.randperm(m, generator=gen)[: _SEED_POOL * k].sort().values
+        pool = torch.randperm(m, generator=gen, device=gen.device)[: _SEED_POOL * k].sort().values.to(points.device)
         points, weights = points[pool], weights[pool]
     p64 = points.double()
     norms = p64.square().sum(1)

@@ -77,15 +77,10 @@ class URSAPipeline:
                                   f"lm_vocab_size is {cfg.lm_vocab_size}.")
 
     # ---- loading and saving -------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None, transformer: str | Path | None = None) -> URSAPipeline:
-        """Load a folder in the official layout. `dtype` applies to the transformer (default float32);
-        `transformer` names another transformer folder to use instead of `folder/transformer` (e.g. a
-        training checkpoint's), checked against the other components like the folder's own."""
-        from transformers import AutoTokenizer
-
-        folder = Path(folder)
+    @staticmethod
+    def check_folder(folder: Path) -> dict:
+        """The parsed model_index.json of a pipeline folder whose component folders all exist; else
+        CheckpointError naming what is missing (no weights are read)."""
         if not folder.is_dir():
             raise CheckpointError(f"{folder}: no such model folder.")
         index_file = folder / "model_index.json"
@@ -98,6 +93,18 @@ class URSAPipeline:
         for name in COMPONENTS:
             if not (folder / name).is_dir():
                 raise CheckpointError(f"{folder}: missing the '{name}/' component folder.")
+        return index
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None, transformer: str | Path | None = None) -> URSAPipeline:
+        """Load a folder in the official layout. `dtype` applies to the transformer (default float32);
+        `transformer` names another transformer folder to use instead of `folder/transformer` (e.g. a
+        training checkpoint's), checked against the other components like the folder's own."""
+        from transformers import AutoTokenizer
+
+        folder = Path(folder)
+        index = cls.check_folder(folder)
         transformer = URSATransformer.from_pretrained(transformer or folder / "transformer", dtype=dtype, device=device)
         vae = load_vae(folder / "vae", device=device)
         scheduler = KineticOptimalScheduler.from_pretrained(folder / "scheduler", vae.num_embeddings)
@@ -169,6 +176,9 @@ class URSAPipeline:
     ) -> PipelineOutput:
         """Prompts -> images: tokenise, left-pad, sample `num_inference_steps` CTMC steps, decode."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or num_images_per_prompt < 1:
+            raise UserError(f"the pipeline needs at least one prompt and num_images_per_prompt >= 1, got "
+                            f"{len(prompts)} prompt(s) and num_images_per_prompt={num_images_per_prompt}.")
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         if generator is None:
             generator = torch.Generator(device=self.device)

@@ -8,7 +8,6 @@ the reference `URSATransformer3DModel`, so official checkpoints load unchanged.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -19,14 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
+from .io import CONFIG_NAME, DIFFUSERS_VERSION, load_weights, read_config, resolve_dtype, save_folder
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-LEGACY_WEIGHTS_NAME = "diffusion_pytorch_model.bin"
-INDEX = ".index.json"
 CLASS_NAME = "URSATransformer3DModel"
-DIFFUSERS_VERSION = "0.32.2"
 _WRITTEN = ("_class_name", "_diffusers_version")  # rewritten on save, like diffusers does
 
 
@@ -357,13 +352,7 @@ class URSATransformer(nn.Module):
     # -- disk
     def save_pretrained(self, folder: str | Path) -> None:
         """Write config.json and diffusion_pytorch_model.safetensors (reference layout)."""
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n")
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_folder(folder, self.config.to_dict(), self)
 
     @classmethod
     def from_pretrained(
@@ -374,83 +363,16 @@ class URSATransformer(nn.Module):
     ) -> URSATransformer:
         """Load a `transformer/` folder: config.json + safetensors (single or sharded) or legacy .bin.
 
-        Weights are cast to `dtype` (default float32) and placed on `device` (default CPU) without a
-        second in-memory copy of the model. Returns the model in eval mode.
+        The model is built on the meta device and each weight is cast to `dtype` (default float32) and
+        placed on `device` (default CPU) as it is read, so no second in-memory copy of the model exists.
+        Returns the model in eval mode.
         """
         folder = Path(folder)
-        dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else (dtype or torch.float32)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ConfigError(f"dtype must be a floating torch dtype, got {dtype!r}.")
-        config = _read_config(folder)
-        state = _read_weights(folder, lambda t: t.to(device, dtype if t.is_floating_point() else t.dtype))
+        dtype = resolve_dtype(dtype)
+        data, path = read_config(folder, "transformer")
+        config = URSAConfig.from_dict(data, source=str(path))
         with torch.device("meta"):
             model = cls(config)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        missing = [k for k in expected if k not in state]
-        if missing:
-            raise CheckpointError(f"{folder}: weights lack key '{missing[0]}' ({len(missing)} missing).")
-        unexpected = [k for k in state if k not in expected]
-        if unexpected:
-            raise CheckpointError(f"{folder}: weights hold unexpected key '{unexpected[0]}'.")
-        for k, shape in expected.items():
-            if tuple(state[k].shape) != shape:
-                got, want = list(state[k].shape), list(shape)
-                raise CheckpointError(f"{folder}: weight '{k}' has shape {got}, the config implies {want}.")
-        model.load_state_dict(state, strict=True, assign=True)
+        load_weights(model, folder, dtype, device)
         model._set_rope_buffer(device=model.device)
         return model.eval()
-
-
-def _read_config(folder: Path) -> URSAConfig:
-    path = folder / CONFIG_NAME
-    if not path.is_file():
-        raise CheckpointError(f"{folder}: no {CONFIG_NAME} found (is this a transformer/ folder?).")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e}).") from e
-    return URSAConfig.from_dict(data, source=str(path))
-
-
-def _load_file(path: Path, cast: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One weight file: safetensors (cast tensor by tensor, so the stored copy is never whole in memory)
-    or a pickled state dict read with torch.load(weights_only=True)."""
-    from safetensors import safe_open
-
-    safetensors = path.name.endswith(".safetensors")
-    try:
-        if safetensors:
-            handle = safe_open(str(path), framework="pt", device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file or a pickle that needs more than tensors
-        raise CheckpointError(f"{path}: cannot be read as a weight file ({type(e).__name__}: {e}).") from e
-    if safetensors:
-        return {k: cast(handle.get_tensor(k)) for k in handle.keys()}
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: does not hold a flat dict of tensors.")
-    return {k: cast(state.pop(k)) for k in list(state)}
-
-
-def _read_weights(folder: Path, cast: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Prefer safetensors, then a safetensors index, then legacy .bin (or its index); cast every tensor."""
-    for name in (WEIGHTS_NAME, WEIGHTS_NAME + INDEX, LEGACY_WEIGHTS_NAME, LEGACY_WEIGHTS_NAME + INDEX):
-        path = folder / name
-        if not path.is_file():
-            continue
-        if not name.endswith(INDEX):
-            return _load_file(path, cast)
-        try:
-            weight_map = json.loads(path.read_text())["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{path}: not a valid index (needs a 'weight_map' object).") from e
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            if not isinstance(shard, str) or Path(shard).name != shard or not (folder / shard).is_file():
-                raise CheckpointError(f"{path}: shard {shard!r} is not a file in {folder}.")
-            state.update(_load_file(folder / shard, cast))
-        return state
-    if (folder / "adapter_config.json").is_file():
-        raise CheckpointError(f"{folder}: holds a LoRA adapter, not full weights; load the base model first.")
-    raise CheckpointError(f"{folder}: no weights found (expected {WEIGHTS_NAME} or {LEGACY_WEIGHTS_NAME}).")

@@ -2,7 +2,9 @@
 
 A record is GenEval metadata: `include` / `exclude` clauses `{"class", "count", optional "color",
 optional "position": [relation, index of an earlier include clause]}`. Detections of a class are
-ranked by score (highest first, stable). `evaluate` returns (score, strict, details).
+ranked by score, highest first; the sort is stable, so detections with tied scores keep the order the
+detector returned them in (ShapeEval, whose scores all tie, returns them largest first).
+`evaluate` returns (score, strict, details).
 
 Position (official GenEval `relative_position`): with box centres c_a, c_b and sizes s_a, s_b
 (w, h), offset = c_a - c_b and revised = sign(offset) * max(|offset| - 0.1 (s_a + s_b), 0). If both
@@ -10,11 +12,11 @@ Position (official GenEval `relative_position`): with box centres c_a, c_b and s
 are the set of: "left of" dx < -0.5, "right of" dx > 0.5, "above" dy < -0.5, "below" dy > 0.5
 (image y points down).
 
-Strict correctness (official GenEval, `strict` = all of):
-- include {class, count}: at least `count` detections of the class;
-- with "color": at least `count` of them have that colour (with `colour_from_top=True`, the official
-  selection: the `count` highest-scoring detections must all have it). The chosen objects are the
-  `count` highest-scoring detections of the colour (of the class when no colour is given);
+Strict correctness (official GenEval `evaluate`, `strict` = all of):
+- include {class, count}: at least `count` detections of the class; the chosen objects are the
+  `count` top-ranked detections of the class;
+- with "color": every chosen object has that colour (lower-ranked detections of the colour do not
+  count: a larger blue circle and a smaller red one fail "a red circle");
 - with "position" [rel, j]: clause j matched, and `rel` holds for every chosen object against every
   object chosen for clause j (only checked when the count and colour already hold);
 - exclude {class, count}: fails when the class has >= `count` detections.
@@ -113,8 +115,7 @@ def _all_pairs(subjects: list[Detection], targets: list[Detection], rel: str) ->
     return all(rel in relative_position(s.box, t.box) for s in subjects for t in targets)
 
 
-def _strict(record: dict, groups: dict[str, list[Detection]],
-            colour_from_top: bool) -> tuple[bool, list[str]]:
+def _strict(record: dict, groups: dict[str, list[Detection]]) -> tuple[bool, list[str]]:
     correct, reasons = True, []
     matched: list[list[Detection] | None] = []
     for req in record.get("include", []):
@@ -126,11 +127,7 @@ def _strict(record: dict, groups: dict[str, list[Detection]],
             reasons.append(f"expected {cls}>={n}, found {len(dets)}")
         elif "color" in req:
             colour = req["color"]
-            if colour_from_top:
-                have = sum(d.color == colour for d in chosen)
-            else:
-                chosen = [d for d in dets if d.color == colour][:n]
-                have = len(chosen)
+            have = sum(d.color == colour for d in chosen)
             if have < n:
                 ok = False
                 reasons.append(f"expected {colour} {cls}>={n}, found {have} {colour}")
@@ -173,14 +170,13 @@ def _terms(record: dict, groups: dict[str, list[Detection]]) -> list[float]:
     return terms
 
 
-def evaluate(record: dict, detections: list[Detection], *,
-             colour_from_top: bool = False) -> tuple[float, bool, dict]:
+def evaluate(record: dict, detections: list[Detection]) -> tuple[float, bool, dict]:
     """Score one image's detections against a GenEval record.
 
     Returns (partial-credit score in [0, 1], strict correctness, details {"terms", "reasons", "found"}).
     """
     groups = _by_class(detections)
-    strict, reasons = _strict(record, groups, colour_from_top)
+    strict, reasons = _strict(record, groups)
     terms = _terms(record, groups)
     score = sum(terms) / len(terms) if terms else float(strict)
     found = {cls: len(dets) for cls, dets in groups.items()}

@@ -5,13 +5,24 @@ Detector, per image:
    within `colour_threshold` of its colour, everything else counts as background;
 2. 4-connected components of the foreground; a component holding two or more substantial colours
    (each >= max(min_area, 25 %) of it) may be split into its per-colour components (see 3.);
-3. components smaller than `min_area` pixels or thinner than `min_side` are ignored; each kept one is
-   classified by the best IoU between its (hole-filled) mask and the class templates drawn in its
-   bounding box (`shapes.shape_mask`: square ~1.0 fill, circle ~pi/4, triangle ~1/2), scaled down for
-   boxes more elongated than 4:5; components whose fit is below `min_iou` are not objects. A split
-   into colours is kept only when every piece fits and the pieces fit better than the whole.
-Detections carry class, colour, box (x0, y0, x1, y1), the full-size mask and score 1.0. On clean
-renders this is exact; the thresholds absorb the edge blur of patch-codebook (VQ) reconstructions.
+3. components smaller than `min_area` pixels or thinner than `min_side` are ignored (specks); each
+   kept one is classified by the best IoU between its (hole-filled) mask and the class templates drawn
+   in its bounding box (`shapes.shape_mask`: square ~1.0 fill, circle ~pi/4, triangle ~1/2), scaled
+   down for boxes more elongated than 4:5; components whose fit is below `min_iou` are not objects
+   (an inverted or sideways triangle fits every template at about 0.5). A split into colours is kept
+   only when every piece fits and the pieces fit better than the whole;
+4. plausibility: the tiny world draws every shape, apex-up triangles included, in a square box of
+   MIN_SIZE-MAX_SIZE (10-20) px, never touching another. Whatever its class, a component whose box
+   has a side over `max_side` (26 = 1.3 MAX_SIZE) or min / max side under `min_aspect` (0.6) fits
+   nothing (fit 0; not an object, and no valid piece of a split): a 28x14 rectangle is no square, a
+   2:1 ellipse no circle, a tall or flat triangle no triangle, a 40x40 blob nothing. An elongated
+   same-colour blob is rejected, not counted as the squares it could hold.
+Detections carry class, colour, box (x0, y0, x1, y1), the full-size mask and score 1.0. As the scores
+all tie, `detect` returns them in the rank that GenEval's top-`count` selection uses: by mask area,
+largest first (a real detector's confidence tends to follow size), ties by box top, then left.
+On clean renders this is exact; the thresholds absorb the edge blur of patch-codebook (VQ)
+reconstructions (1,200 reconstructed scenes of the shipped model: boxes of correctly detected
+shapes 5-22 px, min / max side >= 0.67; strict accuracy no lower than without the limits of 4.).
 """
 
 from __future__ import annotations
@@ -22,13 +33,15 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ..data.shapes import BACKGROUND, CLASSES, COLORS, TAGS, shape_mask
+from ..data.shapes import BACKGROUND, CLASSES, COLORS, MAX_SIZE, TAGS, shape_mask
 from ..errors import UserError
 from .base import RewardOutput, check_batch, to_uint8_images
 from .geneval_rules import Detection, evaluate
 
 _NAMES = list(COLORS)
 _PALETTE = np.array([BACKGROUND] + [COLORS[c] for c in _NAMES], dtype=np.float32)  # [1 + C, 3]
+MAX_SIDE = round(1.3 * MAX_SIZE)  # longest plausible box side (px)
+MIN_ASPECT = 0.6  # least plausible min / max box side
 
 
 @lru_cache(maxsize=4096)
@@ -78,16 +91,22 @@ def _classify(mask: np.ndarray) -> tuple[str, float]:
     return best, best_iou * min(1.0, min(h, w) / max(h, w) / 0.8)
 
 
-def _candidate(sub: np.ndarray, sl: tuple[slice, slice], colour: int, shape: tuple[int, int], min_area: int,
-               min_side: int) -> tuple[Detection, float] | None:
-    """A detection (and its template fit) from the bool mask `sub` of the image window `sl`."""
+def _candidate(sub: np.ndarray, sl: tuple[slice, slice], colour: int, shape: tuple[int, int],
+               limits: tuple[int, int, int, float]) -> tuple[Detection, float] | None:
+    """A detection and its template fit from the bool mask `sub` of the image window `sl`; None for a
+    speck (under `min_area` pixels or `min_side` thick), fit 0 for an implausible box (longer than
+    `max_side`, or min / max side under `min_aspect`); limits = (min_area, min_side, max_side, min_aspect)."""
+    min_area, min_side, max_side, min_aspect = limits
     ys, xs = np.nonzero(sub)
     if len(ys) < min_area:
         return None
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    if min(y1 - y0, x1 - x0) < min_side:
+    short, long = sorted((int(y1 - y0), int(x1 - x0)))
+    if short < min_side:
         return None
     cls, iou = _classify(_fill_holes(sub[y0:y1, x0:x1]))
+    if long > max_side or short < min_aspect * long:
+        iou = 0.0
     oy, ox = sl[0].start, sl[1].start
     full = np.zeros(shape, dtype=bool)
     full[sl] = sub
@@ -96,10 +115,13 @@ def _candidate(sub: np.ndarray, sl: tuple[slice, slice], colour: int, shape: tup
 
 
 def detect(image: np.ndarray, labels: np.ndarray | None = None, min_area: int = 12, min_side: int = 4,
-           min_iou: float = 0.6, colour_threshold: float = 70.0) -> list[Detection]:
-    """Detections of one uint8 [H, W, 3] image (pass precomputed `colour_labels` to skip step 1)."""
+           max_side: int = MAX_SIDE, min_aspect: float = MIN_ASPECT, min_iou: float = 0.6,
+           colour_threshold: float = 70.0) -> list[Detection]:
+    """Detections of one uint8 [H, W, 3] image, largest first (pass precomputed `colour_labels` to skip
+    step 1)."""
     lab = colour_labels(image[None], colour_threshold)[0] if labels is None else labels
     comps, _ = ndimage.label(lab > 0)
+    limits = (min_area, min_side, max_side, min_aspect)
     dets: list[Detection] = []
     for k, sl in enumerate(ndimage.find_objects(comps), 1):
         if sl is None:
@@ -110,14 +132,13 @@ def detect(image: np.ndarray, labels: np.ndarray | None = None, min_area: int = 
             continue
         counts = np.bincount(lab[sl][sub].astype(np.intp), minlength=len(_PALETTE))
         counts[0] = 0
-        whole = _candidate(sub, sl, int(counts.argmax()), lab.shape, min_area, min_side)
+        whole = _candidate(sub, sl, int(counts.argmax()), lab.shape, limits)
         major = [c for c in range(1, len(_PALETTE)) if counts[c] >= max(min_area, 0.25 * area)]
         if len(major) >= 2:  # touching shapes of different colours, or one shape with a colour fringe?
             pieces = []
             for c in major:
                 split, m = ndimage.label(sub & (lab[sl] == c))
-                pieces += [_candidate(split == p, sl, c, lab.shape, min_area, min_side)
-                           for p in range(1, m + 1)]
+                pieces += [_candidate(split == p, sl, c, lab.shape, limits) for p in range(1, m + 1)]
             kept = [p for p in pieces if p is not None]
             if kept and all(iou >= min_iou for _, iou in kept) and (
                     whole is None or np.mean([iou for _, iou in kept]) > whole[1]):
@@ -125,7 +146,7 @@ def detect(image: np.ndarray, labels: np.ndarray | None = None, min_area: int = 
                 continue
         if whole is not None and whole[1] >= min_iou:
             dets.append(whole[0])
-    dets.sort(key=lambda d: (d.box[1], d.box[0]))
+    dets.sort(key=lambda d: (-int(d.mask.sum()) if d.mask is not None else 0, d.box[1], d.box[0]))  # GenEval rank
     return dets
 
 
@@ -163,8 +184,11 @@ class ShapeEvalReward:
     """Reward protocol: scores = partial-credit GenEval score (or strict 0/1 with `strict=True`);
     values = {"strict": 0/1, "score": partial credit}. Metadata records are required."""
 
-    def __init__(self, strict: bool = False, **detector_kwargs) -> None:
-        self.strict, self.detector_kwargs = strict, detector_kwargs
+    def __init__(self, strict: bool = False, min_area: int = 12, min_side: int = 4, max_side: int = MAX_SIDE,
+                 min_aspect: float = MIN_ASPECT, min_iou: float = 0.6, colour_threshold: float = 70.0) -> None:
+        self.strict = strict
+        self.detector_kwargs = {"min_area": min_area, "min_side": min_side, "max_side": max_side,
+                                "min_aspect": min_aspect, "min_iou": min_iou, "colour_threshold": colour_threshold}
 
     def __call__(self, images, prompts: list[str], metadata: list[dict | None]) -> RewardOutput:
         images = to_uint8_images(images)

@@ -1,7 +1,7 @@
 """One UDM-GRPO training iteration split into phases, against pure model forward/backward time.
 
 Runs the default `udm-grpo train` config (tiny world, shipped model) for a few iterations, reads the
-per-phase times the trainer records (rollout, reward, train), then times the same transformer work
+per-phase times the trainer records (rollout, reward, states, update), then times the same transformer work
 alone: the rollout's no-grad forwards, and the training micro-batches' forward + backward plus the
 reference forwards, on random tokens of the same shapes. Overhead = (iteration - pure) / pure.
 
@@ -59,14 +59,14 @@ def main() -> None:
         cfg = load_config(DEFAULT_CONFIG, [*args.overrides, f"experiment.output_dir={out}"])
         trainer = UDMGRPOTrainer(cfg, progress=False)
         trainer.train_step()  # warm-up
-        phases = {"rollout": [], "reward": [], "train": []}
+        phases = {"rollout": [], "reward": [], "states": [], "update": []}
         totals = []
         for _ in range(args.iters):
             start = time.perf_counter()
             m = trainer.train_step()
             totals.append(time.perf_counter() - start)
             for p in phases:
-                phases[p].append(m[f"time_{p}"])
+                phases[p].append(m[f"time/{p}"])
         pure = statistics.median(pure_model_time(trainer, cfg) for _ in range(args.iters))
     total = statistics.median(totals)
     print(f"UDM-GRPO iteration, tiny world defaults ({trainer.plan.describe()})")

@@ -2,11 +2,14 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from udm_grpo import __version__
 from udm_grpo.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args):
@@ -95,3 +98,23 @@ def test_second_run_into_the_same_folder_is_refused(tmp_path):
     result = run_cli("train", "-o", str(run), "--steps", "1")
     assert result.returncode == 2 and "already holds a run" in result.stderr and "--force" in result.stderr
     assert (run / "config.yaml").read_text() == "keep me\n"
+
+
+def test_dev_py_help_and_pass_through_are_documented():
+    result = subprocess.run([sys.executable, "dev.py", "--help"], capture_output=True, text=True, timeout=60,
+                            cwd=ROOT)
+    assert result.returncode == 0 and "dev.py COMMAND" in result.stdout and ".venv/bin/udm-grpo" in result.stdout
+
+
+def test_verdict_reads_like_a_summary(tmp_path):
+    from udm_grpo.grpo.evaluation import verdict
+
+    records = [{"prompt": "p", "tag": t} for t in ("a", "b") for _ in range(16)]
+    first = {"eval/strict": 0.2, "eval/strict/a": 0.1, "eval/strict/b": 0.3, "eval/ci95/strict": 0.05}
+    last = {"eval/strict": 0.5, "eval/strict/a": 0.6, "eval/strict/b": 0.4, "eval/ci95/strict": 0.05,
+            "eval/ci95/strict/a": 0.2, "eval/ci95/strict/b": 0.2, "eval/reward": 0.7, "eval/images": 32,
+            "eval/strict_images": 0.5}
+    text = verdict(first, last, records, 60, 7.5, tmp_path / "run", tiny_world=True)
+    assert "60 steps in 7.5 min" in text and "16 images per tag" in text
+    assert "0.100 -> 0.600 +-0.20" in text and "overall strict: +0.300, beyond the noise" in text
+    assert "eval shapes --per-tag 64 --checkpoint" in text and str(tmp_path / "run") in text

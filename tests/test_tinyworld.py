@@ -81,3 +81,11 @@ def test_sample_and_eval_commands(tmp_path):
     assert again["overall"] == result["overall"]
     bad = ["sample", "a photo of a red circle", "--checkpoint", str(tmp_path), "-o", str(tmp_path / "x.png")]
     assert main(bad) == 2
+    # Export: the checkpoint as a complete pipeline in bf16 (checkpoints keep float32 masters).
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "-o", str(tmp_path / "bf16")]) == 0
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    stored = load_file(str(tmp_path / "bf16" / weights))
+    source = load_file(str(tmp_path / "run" / "checkpoints" / "step-000001" / weights))
+    assert all(torch.equal(stored[k], v.to(torch.bfloat16)) for k, v in source.items())
+    URSAPipeline.from_pretrained(tmp_path / "bf16")  # a complete pipeline folder
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "-o", str(tmp_path / "bf16")]) == 2  # no --force

@@ -151,7 +151,7 @@ def test_forward_process_states_follow_marginal():
     assert torch.equal(naive.states, ro.states[1]) and torch.equal(naive.actions, ro.predictions[1])
 
 
-def test_ablation_ladder_writes_table_and_plot(tmp_path):
+def test_ablation_ladder_writes_table_and_plot(tmp_path, capsys):
     from udm_grpo.grpo.ablation import VARIANTS, run_ablation
 
     cfg = make_config(tmp_path)
@@ -163,6 +163,8 @@ def test_ablation_ladder_writes_table_and_plot(tmp_path):
                  "experiment.num_eval_prompts=2", "experiment.eval_num_inference_steps=2"]
     rows = run_ablation(None, overrides, tmp_path / "abl", steps=2, cfg_scale=2.0, make_trainer=trainer)
     assert [r["variant"] for r in rows] == list(VARIANTS)
+    out = capsys.readouterr().out
+    assert all(f"ablation variant {i}/4: {name}" in out for i, name in enumerate(VARIANTS, 1))
     table = (tmp_path / "abl" / "ablation.md").read_text()
     assert all(name in table for name in VARIANTS)
     assert (tmp_path / "abl" / "ablation.png").stat().st_size > 0

@@ -2,6 +2,7 @@
 protection, checkpoint retention, Ctrl-C, damaged checkpoints."""
 
 import json
+import os
 import signal
 
 import pytest
@@ -105,11 +106,15 @@ def test_retention_keeps_the_checkpoint_just_written(tmp_path):
         (checkpoints / f"step-{step:06d}").mkdir(parents=True)
         (checkpoints / f"step-{step:06d}" / "trainer_state.json").write_text("{}")
     tmp = ckpt_mod.begin_checkpoint(checkpoints, 1)
-    final = ckpt_mod.commit_checkpoint(tmp, lambda d: None, {"state": {}, "param_groups": []}, {"step": 1}, keep=2)
+    old_mask = os.umask(0o022)
+    try:
+        final = ckpt_mod.commit_checkpoint(tmp, lambda d: None, {"state": {}, "param_groups": []}, {"step": 1}, keep=2)
+    finally:
+        os.umask(old_mask)
     assert final.is_dir() and (checkpoints / "latest").read_text() == "step-000001"
     assert sorted(p.name for p in ckpt_mod.list_checkpoints(checkpoints)) == ["step-000001", "step-000060"]
     assert ckpt_mod.resolve_checkpoint("latest", tmp_path) == final
-    assert (final / "trainer_state.json").stat().st_mode & 0o044  # readable beyond the owner (umask allowing)
+    assert (final / "optimizer.safetensors").stat().st_mode & 0o777 == 0o644  # safetensors alone writes 0600
 
 
 class Interrupting(Brightness):

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("udm_grpo.commands.pretrain", "build and pretrain a tiny-world URSA model from scratch"),
     "sample": ("udm_grpo.commands.sample", "prompts -> a PNG grid of samples"),
     "eval": ("udm_grpo.commands.evaluate", "evaluate a model (eval shapes: ShapeEval on the tiny world)"),
+    "export": ("udm_grpo.commands.export", "a training checkpoint -> a pipeline folder (e.g. in bf16)"),
 }
 
 

@@ -10,11 +10,12 @@ from .train import DEFAULT_CONFIG
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides shared by all variants")
-    p.add_argument("--config", default=None, help=f"YAML run config (default: {DEFAULT_CONFIG.name})")
+    p.add_argument("--config", default=None, help=f"YAML run config layered on {DEFAULT_CONFIG.name}")
     p.add_argument("-o", "--output", default="runs/ablation", help="folder for the runs, table and plot")
     p.add_argument("--steps", type=int, default=40, help="optimiser steps per variant (default 40)")
     p.add_argument("--cfg-scale", type=float, default=3.0, help="rollout guidance of the CFG variants")
     p.add_argument("--variants", nargs="+", default=None, help="a subset of the ladder")
+    p.add_argument("--force", action="store_true", help="replace earlier runs in the output folder")
 
 
 def run(args) -> int:
@@ -26,7 +27,7 @@ def run(args) -> int:
         raise UserError(f"unknown variant '{unknown[0]}'; choose from {', '.join(VARIANTS)}.")
     if args.steps < 1:
         raise UserError(f"--steps must be >= 1, got {args.steps}.")
-    run_ablation(args.config or DEFAULT_CONFIG, args.overrides, Path(args.output), args.steps, args.cfg_scale,
-                 args.variants)
+    run_ablation([DEFAULT_CONFIG, args.config], args.overrides, Path(args.output), args.steps, args.cfg_scale,
+                 args.variants, force=args.force)
     print((Path(args.output) / "ablation.md").read_text())
     return 0

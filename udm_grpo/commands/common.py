@@ -78,3 +78,14 @@ def sampling_from_args(args):
     if args.guidance < 1:
         raise UserError(f"--guidance must be >= 1, got {args.guidance}.")
     return SamplingDefaults(args.steps, args.guidance, args.guidance_trunc)
+
+
+def warn_unknown_words(pipe, prompts: list[str], command: str) -> None:
+    """One warning line on stderr naming the prompt words the model's tokenizer cannot read."""
+    import sys
+
+    from ..data.text_tokenizer import unknown_words
+
+    if words := unknown_words(pipe.tokenizer, list(dict.fromkeys(prompts))):
+        print(f"udm-grpo {command}: warning: the model's tokenizer does not know the word(s) "
+              f"{', '.join(map(repr, words))} and reads each as its unknown token.", file=sys.stderr)

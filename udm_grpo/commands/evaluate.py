@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from ..errors import UserError
-from .common import add_model_argument, load_pipeline, sampling_arguments, sampling_from_args
+from .common import add_model_argument, load_pipeline, sampling_arguments, sampling_from_args, warn_unknown_words
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,7 +31,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from ..data.prompts import balance_tags
     from ..data.shapes import generate_records, read_metadata_jsonl
-    from ..data.text_tokenizer import unknown_words
     from ..images import grouped_grid, save_png
     from ..tinyworld import evaluate_shapes
 
@@ -57,9 +55,7 @@ def run(args) -> int:
         records, args.images_per_prompt = balance_tags(records, args.per_tag), 1
     sampling = sampling_from_args(args)
     pipe = load_pipeline(args.model, args.device, args.checkpoint)
-    if words := unknown_words(pipe.tokenizer, list(dict.fromkeys(r["prompt"] for r in records))):
-        print(f"udm-grpo eval: warning: the model's tokenizer does not know the word(s) "
-              f"{', '.join(map(repr, words))} and reads each as its unknown token.", file=sys.stderr)
+    warn_unknown_words(pipe, [r["prompt"] for r in records], "eval")
     checkpoint, checkpoint_step = scored_checkpoint(args.checkpoint)
     summary, images = evaluate_shapes(pipe, records, args.images_per_prompt, args.seed, sampling,
                                       args.batch_size, progress=True)
@@ -91,10 +87,10 @@ def run(args) -> int:
         grid = grouped_grid(images, [(f"{r.get('tag', '')}: {r['prompt']}", range(i * per, i * per + min(per, 8)))
                                      for i, r in enumerate(records[:16])])
     save_png(grid, out / "grid.png")
-    for tag, row in sorted(summary["per_tag"].items()):
-        print(f"{tag:14s} strict {row['strict']:.3f}  score {row['score']:.3f}  (n={row['n']})")
-    o = summary["overall"]
-    print(f"{'overall':14s} strict {o['strict']:.3f}  score {o['score']:.3f}  (n={o['n']})")
+    print("95% intervals: Agresti-Coull per tag for strict, normal for score; overall = mean over tags")
+    for tag, row in [*summary["per_tag"].items(), ("overall", summary["overall"])]:
+        print(f"{tag:14s} strict {row['strict']:.3f} +-{row['strict_ci95']:.3f}  "
+              f"score {row['score']:.3f} +-{row['score_ci95']:.3f}  (n={row['n']})")
     print(f"wrote {out / 'results.json'} and {out / 'grid.png'}")
     return 0
 

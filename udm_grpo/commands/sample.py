@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 from ..errors import UserError
-from .common import add_model_argument, load_pipeline, sampling_arguments, sampling_from_args
+from .common import add_model_argument, load_pipeline, sampling_arguments, sampling_from_args, warn_unknown_words
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,7 +22,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import torch
 
-    from ..data.text_tokenizer import unknown_words
     from ..images import grouped_grid, save_png
 
     for i, prompt in enumerate(args.prompts, 1):
@@ -41,9 +39,7 @@ def run(args) -> int:
         raise UserError(f"--images-per-prompt must be >= 1, got {args.images_per_prompt}.")
     sampling = sampling_from_args(args)
     pipe = load_pipeline(args.model, args.device, args.checkpoint)
-    if words := unknown_words(pipe.tokenizer, prompts):
-        print(f"udm-grpo sample: warning: the model's tokenizer does not know the word(s) "
-              f"{', '.join(map(repr, words))} and reads each as its unknown token.", file=sys.stderr)
+    warn_unknown_words(pipe, prompts, "sample")
     gen = torch.Generator(device=pipe.device).manual_seed(args.seed)
     start = time.perf_counter()
     out = pipe(prompts, num_images_per_prompt=args.images_per_prompt, generator=gen,

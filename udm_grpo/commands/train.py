@@ -91,10 +91,12 @@ def run(args) -> int:
     if args.check:
         check(cfg)
         return 0
+    from ..grpo.control import check_run_dir
     from ..grpo.evaluation import verdict
     from ..grpo.logger import read_jsonl
     from ..grpo.trainer import TrainingError, UDMGRPOTrainer
 
+    check_run_dir(Path(cfg.experiment.output_dir), ckpt, args.force)  # before loading anything
     start = time.time()
     trainer = UDMGRPOTrainer(cfg)
     try:

@@ -27,8 +27,9 @@ VARIANTS: dict[str, dict] = {
 
 
 def run_ablation(config_path, overrides: list[str], output: Path, steps: int, cfg_scale: float = 3.0,
-                 variants: list[str] | None = None, make_trainer=None) -> list[dict]:
-    """Train each variant into `output/<variant>`; write output/ablation.md and output/ablation.png.
+                 variants: list[str] | None = None, make_trainer=None, force: bool = False) -> list[dict]:
+    """Train each variant into `output/<variant>` (`force` replaces earlier runs there); write
+    output/ablation.md and output/ablation.png.
 
     `make_trainer(config)` builds the trainer (default `UDMGRPOTrainer(config)`).
     """
@@ -45,7 +46,7 @@ def run_ablation(config_path, overrides: list[str], output: Path, steps: int, cf
         cfg = load_config(config_path, [*overrides, *extra, f"experiment.output_dir={output / name}",
                                         f"training.max_steps={steps}"])
         start = time.time()
-        result = (make_trainer or UDMGRPOTrainer)(cfg).train()
+        result = (make_trainer or UDMGRPOTrainer)(cfg).train(force=force)
         metrics = read_jsonl(output / name / "metrics.jsonl")
         evals = read_jsonl(output / name / "eval.jsonl")
         rows.append({

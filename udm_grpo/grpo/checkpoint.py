@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, UserError
+from ..models.io import share_files
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -168,11 +169,9 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _finish_files(folder: Path) -> None:
-    """fsync every file, and give it the mode the umask allows (safetensors writes 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
+    """Modes as the umask allows (safetensors writes 0600), then fsync every file."""
+    share_files(folder)
     for path in folder.rglob("*"):
         if path.is_file():
-            os.chmod(path, 0o666 & ~mask)
             with open(path, "rb") as f:
                 os.fsync(f.fileno())

@@ -21,17 +21,25 @@ def all_processes(acc, flag: bool) -> bool:
     return acc.reduce(t, "sum").item() == acc.num_processes
 
 
-def prepare_run_dir(acc, run_dir: Path, resume_folder: Path | None, force: bool) -> None:
-    """Refuse a run folder that already holds files unless resuming one of its own checkpoints, or
-    `force` (which empties it first). Every process sees the same folder, so all decide alike."""
+def check_run_dir(run_dir: Path, resume_folder: Path | None, force: bool) -> bool:
+    """Whether `run_dir` must be emptied first (it holds files, `force` is given and the run does not
+    resume one of its own checkpoints); UserError when it holds files and neither is given."""
     same = resume_folder is not None and resume_folder.resolve().parent.parent == run_dir.resolve()
-    if run_dir.exists() and any(run_dir.iterdir()) and not same:
-        if not force:
-            raise UserError(f"run folder {run_dir} already holds a run; continue it with --resume latest, replace "
-                            "it with --force, or choose another folder with -o.")
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            shutil.rmtree(run_dir)
+    if not (run_dir.exists() and any(run_dir.iterdir())) or same:
+        return False
+    if not force:
+        raise UserError(f"run folder {run_dir} already holds a run; continue it with --resume latest, replace it "
+                        "with --force, or choose another folder with -o.")
+    return True
+
+
+def prepare_run_dir(acc, run_dir: Path, resume_folder: Path | None, force: bool) -> None:
+    """`check_run_dir`, then the main process empties the folder when needed. Every process sees the same
+    folder, so all decide alike."""
+    clear = check_run_dir(run_dir, resume_folder, force)
+    acc.wait_for_everyone()
+    if clear and acc.is_main_process:
+        shutil.rmtree(run_dir)
     acc.wait_for_everyone()
 
 

@@ -1,9 +1,7 @@
 """Held-out evaluation of a run: which prompts, per-tag means with 95% intervals, and the end-of-run verdict.
 
 For GenEval-schema prompts (with a `tag`) the overall figure is the mean over tags, as in GenEval, and
-every tag gets the same number of images (`data.prompts.balance_tags`). 95% half-widths: for 0/1 values
-(strict correctness) the Agresti-Coull interval, (x + 2) / (n + 4) +- 1.96 sqrt(p'(1 - p') / (n + 4));
-otherwise 1.96 s / sqrt(n). The overall half-width over T tags is sqrt(sum_t h_t^2) / T.
+every tag gets the same number of images (`data.prompts.balance_tags`); 95% intervals as in `stats`.
 """
 
 from __future__ import annotations
@@ -16,8 +14,7 @@ from pathlib import Path
 import torch
 
 from ..data.prompts import balance_tags
-
-Z95 = 1.959964
+from ..stats import half_width, mean_of_groups_half_width
 
 
 def eval_records(records: list[dict], e) -> list[dict]:
@@ -26,17 +23,6 @@ def eval_records(records: list[dict], e) -> list[dict]:
     if e.eval_images_per_tag and all("tag" in r for r in records):
         return balance_tags(records, e.eval_images_per_tag)
     return [x for x in records[: e.num_eval_prompts] for _ in range(e.eval_images_per_prompt)]
-
-
-def half_width(values: torch.Tensor) -> float:
-    """95% half-width of the mean of `values` Float[n] (Agresti-Coull for 0/1 values)."""
-    n = len(values)
-    if n == 0:
-        return math.nan
-    if bool(((values == 0) | (values == 1)).all()):
-        p = (values.sum().item() + 2) / (n + 4)
-        return Z95 * math.sqrt(p * (1 - p) / (n + 4))
-    return Z95 * values.double().std().item() / math.sqrt(n) if n > 1 else math.nan
 
 
 def summarise_eval(records: list[dict], scores: torch.Tensor, values: dict[str, torch.Tensor]) -> dict:
@@ -51,7 +37,7 @@ def summarise_eval(records: list[dict], scores: torch.Tensor, values: dict[str, 
             continue
         by_tag = {t: v[[i for i, x in enumerate(tags) if x == t]] for t in dict.fromkeys(tags)}
         out[f"eval/{name}"] = sum(x.mean().item() for x in by_tag.values()) / len(by_tag)
-        out[f"eval/ci95/{name}"] = math.sqrt(sum(half_width(x) ** 2 for x in by_tag.values())) / len(by_tag)
+        out[f"eval/ci95/{name}"] = mean_of_groups_half_width([half_width(x) for x in by_tag.values()])
         out[f"eval/{name}_images"] = v.mean().item()
         for t, x in by_tag.items():
             out[f"eval/{name}/{t}"], out[f"eval/ci95/{name}/{t}"] = x.mean().item(), half_width(x)

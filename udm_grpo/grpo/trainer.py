@@ -19,17 +19,14 @@ autocast and the frozen reference is stored in bf16.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..config import Config, save_resolved
 from ..data.prompts import PromptStream, load_prompts
-from ..diffusion.sampler import guided_logits
 from ..errors import UserError
 from ..models.pipeline import URSAPipeline
 from .advantages import expand_prompts, group_advantages, group_stats
@@ -39,51 +36,13 @@ from .control import StopOnSigint, all_processes, prepare_run_dir
 from .evaluation import eval_records, summarise_eval
 from .logger import RunLogger, plot_curves
 from .objective import action_log_probs, grpo_loss, token_entropy
+from .policy import ImageLogits, MicroBatch, build_policy, micro_batch_logits
 from .rollout import Rollout, rollout
 from .states import pick_train_steps, training_states
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. repeated non-finite updates)."""
-
-
-@dataclass
-class MicroBatch:
-    """One unit of the objective: a slice of this process's samples at one trained step (time t) on a
-    token grid (h, w).
-
-    text / uncond: Long[b, L]; states: Long[b, N] (x_t fed to the model); actions: Long[b, N];
-    advantages: Float[b]; ref_logp: Float[b, N] under the reference (None without KL);
-    old_logp: Float[b] sequence-mean log-probs at rollout time (only when rollouts are reused).
-    """
-
-    t: float
-    grid: tuple[int, int]
-    text: torch.Tensor
-    uncond: torch.Tensor | None
-    states: torch.Tensor
-    actions: torch.Tensor
-    advantages: torch.Tensor
-    ref_logp: torch.Tensor | None = None
-    old_logp: torch.Tensor | None = None
-
-
-class _ImageLogits(torch.nn.Module):
-    """Routes `image_logits` through `forward`, so DDP/FSDP wrappers see the call."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, text_ids, image_ids, grid):
-        return self.model.image_logits(text_ids, image_ids, tuple(grid))
-
-
-class _Caller:
-    """Gives a callable the `image_logits` method the sampler helpers expect."""
-
-    def __init__(self, fn):
-        self.image_logits = fn
 
 
 class UDMGRPOTrainer:
@@ -117,23 +76,12 @@ class UDMGRPOTrainer:
 
             reward = build_reward(c.reward.name, c.reward.params)
         self.reward = reward
-        model = self.pipe.transformer
-        model.set_gradient_checkpointing(c.model.gradient_checkpointing)
         self.lora = c.model.lora is not None
-        self.reference = None
-        if self.lora:  # frozen base in the compute dtype; peft keeps the adapters in float32
-            from peft import LoraConfig, get_peft_model
-
-            model = get_peft_model(model.to(self.compute_dtype), LoraConfig(**c.model.lora))
-        elif c.reward.kl_beta > 0:
-            self.reference = copy.deepcopy(model).to(self.compute_dtype).requires_grad_(False).eval()
-        params = [p for p in model.parameters() if p.requires_grad]
-        for p in params:  # float32 master weights: bf16 weights would round away updates below 2^-8 relative
-            p.data = p.data.float()
-        self.model = model.train()
+        self.model, self.reference = build_policy(self.pipe.transformer, c.model, c.reward.kl_beta, self.compute_dtype)
+        params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=c.training.lr, betas=tuple(c.training.betas),
                                 weight_decay=c.training.weight_decay)
-        self.policy, self.optimizer = self.acc.prepare(_ImageLogits(model), opt)
+        self.policy, self.optimizer = self.acc.prepare(ImageLogits(self.model), opt)
         self.generator = torch.Generator(device=self.acc.device).manual_seed(c.training.seed + 1000 * self.rank)
         self.data = PromptStream(load_prompts(c.data.train or "shapes:train"), c.training.seed, c.data.shuffle)
         self.eval_records = eval_records(load_prompts(c.data.test or "shapes:test"), c.experiment)
@@ -155,9 +103,6 @@ class UDMGRPOTrainer:
                 yield model
         finally:
             model.train()
-
-    def _all(self, flag: bool) -> bool:
-        return all_processes(self.acc, flag)
 
     # ---- one optimiser step -----------------------------------------------------------------
     def train_step(self) -> dict:
@@ -228,11 +173,8 @@ class UDMGRPOTrainer:
         return micro
 
     def _policy_logits(self, m: MicroBatch, module=None) -> torch.Tensor:
-        """Training logits Float[b, N, K]: the guided mixture when the rollout used guidance at t."""
-        call = _Caller(module or (lambda a, b, g: self.policy(a, b, g)))
-        r = self.cfg.sampling.rollout
-        scale = r.guidance_scale if m.t < r.guidance_trunc else 1.0
-        return guided_logits(call, m.text, m.states, m.grid, scale, m.uncond)
+        """Training logits Float[b, N, K] of the policy (or `module`), guided as the rollout was."""
+        return micro_batch_logits(module or self.policy, m, self.cfg.sampling.rollout)
 
     def _reference_logp(self, m: MicroBatch) -> torch.Tensor | None:
         if self.lora:
@@ -240,7 +182,7 @@ class UDMGRPOTrainer:
                 return action_log_probs(self._policy_logits(m), m.actions)
         if self.reference is None:
             return None
-        return action_log_probs(self._policy_logits(m, self.reference.image_logits), m.actions)
+        return action_log_probs(self._policy_logits(m, ImageLogits(self.reference)), m.actions)
 
     def _update(self, micro: list[MicroBatch]) -> dict | None:
         """Accumulate the loss over the micro-batches and step the optimiser (`updates_per_rollout` times).
@@ -259,7 +201,7 @@ class UDMGRPOTrainer:
                         logp = action_log_probs(logits, m.actions)
                     loss, values = grpo_loss(logp, m.advantages, m.old_logp if update else None, m.ref_logp,
                                              c.reward.ratio_clipping, c.reward.kl_beta, c.reward.kl_mode)
-                    if not self._all(bool(torch.isfinite(loss))):
+                    if not all_processes(self.acc, bool(torch.isfinite(loss))):
                         self.optimizer.zero_grad(set_to_none=True)
                         return None
                     self.acc.backward(loss / len(micro))
@@ -267,7 +209,7 @@ class UDMGRPOTrainer:
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v * weight
             grad_norm = float(self.acc.clip_grad_norm_(self.policy.parameters(), c.training.max_grad_norm or math.inf))
-            if not self._all(math.isfinite(grad_norm)):
+            if not all_processes(self.acc, math.isfinite(grad_norm)):
                 self.optimizer.zero_grad(set_to_none=True)
                 return None
             lr = c.training.lr * min(1.0, (self.step + 1) / max(1, c.training.lr_warmup_steps))
@@ -407,7 +349,7 @@ class UDMGRPOTrainer:
                                 kl=f"{metrics.get('train/kl', float('nan')):.4f}")
                 if self.logger and (self.step % e.log_every == 0 or "train/skipped" in metrics):
                     self.logger.log(self.step, metrics)
-                interrupted = not self._all(not stop.requested)
+                interrupted = not all_processes(self.acc, not stop.requested)
                 if e.eval_every and self.step % e.eval_every == 0 and not interrupted:
                     last_eval = self._eval_and_log()
                 if interrupted or (e.save_every and self.step % e.save_every == 0) or self.step == max_steps:

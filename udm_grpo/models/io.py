@@ -167,3 +167,15 @@ def check_size(value: Any, name: str, source: str) -> int | tuple[int, int]:
             raise ConfigError(f"{source}: field '{name}' must be an integer or [height, width], got {value!r}.")
         return tuple(check_int(v, name, source) for v in value)  # type: ignore[return-value]
     return check_int(value, name, source)
+
+
+def share_files(folder: Path) -> None:
+    """Give every file under `folder` the mode the umask allows (safetensors writes 0600, which hides
+    weights from the group on a shared cluster)."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            os.chmod(path, 0o666 & ~mask)

@@ -24,6 +24,7 @@ from ..data.text_tokenizer import encode_prompts
 from ..diffusion.sampler import Trajectory, sample_tokens
 from ..diffusion.scheduler import KineticOptimalScheduler
 from ..errors import CheckpointError, UserError
+from .io import share_files
 from .transformer import URSATransformer
 from .vae import load_vae
 
@@ -134,6 +135,7 @@ class URSAPipeline:
             "tokenizer": ["transformers", type(self.tokenizer).__name__],
         }
         (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        share_files(folder)
 
     # ---- generation ---------------------------------------------------------------------------
     @property

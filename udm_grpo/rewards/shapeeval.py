@@ -201,22 +201,24 @@ class ShapeEvalReward:
 
 
 def evaluate_images(images, records: list[dict], **kwargs) -> dict:
-    """ShapeEval summary: {"per_tag": {tag: {"strict", "score", "n"}}, "overall": {"strict", "score", "n",
-    "strict_images", "score_images"}}. Overall strict / score are the mean over tags (as GenEval's
-    overall score); *_images are the means over all images."""
+    """ShapeEval summary: {"per_tag": {tag: {"strict", "score", "n", "strict_ci95", "score_ci95"}},
+    "overall": {the same keys, "strict_images", "score_images"}}. Overall strict / score are the mean over
+    tags (as GenEval's overall score); *_images are the means over all images; *_ci95 are 95% half-widths
+    (`udm_grpo.stats`)."""
+    from ..stats import half_width, mean_of_groups_half_width
+
     scores, stricts, _ = score_images(images, records, **kwargs)
     tags = [r.get("tag", "untagged") for r in records]
     per_tag = {}
     for tag in sorted(set(tags), key=lambda t: (TAGS.index(t) if t in TAGS else len(TAGS), t)):
         idx = [i for i, t in enumerate(tags) if t == tag]
-        per_tag[tag] = {"strict": float(stricts[idx].mean()), "score": float(scores[idx].mean()),
-                        "n": len(idx)}
+        per_tag[tag] = {"strict": float(stricts[idx].mean()), "score": float(scores[idx].mean()), "n": len(idx),
+                        "strict_ci95": half_width(stricts[idx]), "score_ci95": half_width(scores[idx])}
     rows = list(per_tag.values())
-    overall = {
-        "strict": float(np.mean([r["strict"] for r in rows])) if rows else 0.0,
-        "score": float(np.mean([r["score"] for r in rows])) if rows else 0.0,
-        "n": len(records),
-        "strict_images": float(stricts.mean()) if len(records) else 0.0,
-        "score_images": float(scores.mean()) if len(records) else 0.0,
-    }
+    overall = {"n": len(records)}
+    for key in ("strict", "score"):
+        overall[key] = float(np.mean([r[key] for r in rows])) if rows else 0.0
+        overall[f"{key}_ci95"] = mean_of_groups_half_width([r[f"{key}_ci95"] for r in rows])
+    overall["strict_images"] = float(stricts.mean()) if len(records) else 0.0
+    overall["score_images"] = float(scores.mean()) if len(records) else 0.0
     return {"per_tag": per_tag, "overall": overall}

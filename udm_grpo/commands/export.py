@@ -1,0 +1,42 @@
+"""`udm-grpo export`: a training checkpoint -> a complete pipeline folder, optionally in bf16/fp16.
+
+Checkpoints keep float32 master weights (exact resume); exporting to a lower precision is this
+separate, explicit step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from ..errors import UserError
+from .common import add_model_argument, load_pipeline
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_argument(p)
+    p.add_argument("-o", "--output", required=True, help="pipeline folder to write (official URSA layout)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16",
+                   help="transformer weights on disk (default bfloat16)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+
+
+def run(args) -> int:
+    import torch
+
+    if not args.checkpoint:
+        raise UserError("give the training run or checkpoint to export with --checkpoint.")
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise UserError(f"output folder {out} already exists; pass --force to replace it.")
+    pipe = load_pipeline(args.model, args.device, args.checkpoint)
+    pipe.transformer.to(getattr(torch, args.dtype))
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    pipe.save_pretrained(partial)
+    if out.exists():
+        shutil.rmtree(out)
+    partial.replace(out)
+    print(f"wrote {out} ({args.dtype} transformer); sample with: udm-grpo sample \"...\" --model {out}")
+    return 0

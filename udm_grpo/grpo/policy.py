@@ -1,0 +1,82 @@
+"""The trained policy: float32 master weights (full fine-tune or LoRA), the frozen reference, and the
+training logits of a micro-batch.
+
+With a bf16 compute dtype every forward runs under autocast; the weights the optimiser updates stay
+float32 (bf16 weights would round away updates below about 2^-8 of a weight), the frozen reference is
+stored in the compute dtype, and so is a LoRA policy's frozen base (peft keeps its adapters in float32).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from ..diffusion.sampler import guided_logits
+
+
+@dataclass
+class MicroBatch:
+    """One unit of the objective: a slice of this process's samples at one trained step (time t) on a
+    token grid (h, w).
+
+    text / uncond: Long[b, L]; states: Long[b, N] (x_t fed to the model); actions: Long[b, N];
+    advantages: Float[b]; ref_logp: Float[b, N] under the reference (None without KL);
+    old_logp: Float[b] sequence-mean log-probs at rollout time (only when rollouts are reused).
+    """
+
+    t: float
+    grid: tuple[int, int]
+    text: torch.Tensor
+    uncond: torch.Tensor | None
+    states: torch.Tensor
+    actions: torch.Tensor
+    advantages: torch.Tensor
+    ref_logp: torch.Tensor | None = None
+    old_logp: torch.Tensor | None = None
+
+
+class ImageLogits(torch.nn.Module):
+    """Routes `image_logits` through `forward`, so DDP/FSDP wrappers see the call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, text_ids, image_ids, grid):
+        return self.model.image_logits(text_ids, image_ids, tuple(grid))
+
+
+class _Caller:
+    """Gives a callable the `image_logits` method the sampler helpers expect."""
+
+    def __init__(self, fn):
+        self.image_logits = fn
+
+
+def build_policy(transformer, model_cfg, kl_beta: float, compute_dtype: torch.dtype):
+    """(policy in train mode, frozen reference or None). LoRA (`model_cfg.lora`) wraps the transformer
+    with peft and uses the adapter-disabled base as reference; otherwise the reference is a frozen copy
+    when kl_beta > 0. Trainable parameters become float32."""
+    transformer.set_gradient_checkpointing(model_cfg.gradient_checkpointing)
+    reference = None
+    if model_cfg.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(transformer.to(compute_dtype), LoraConfig(**model_cfg.lora))
+    else:
+        model = transformer
+        if kl_beta > 0:
+            reference = copy.deepcopy(model).to(compute_dtype).requires_grad_(False).eval()
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model.train(), reference
+
+
+def micro_batch_logits(module: torch.nn.Module, m: MicroBatch, rollout_cfg) -> torch.Tensor:
+    """Float[b, N, K] logits of `module` (an `ImageLogits`, possibly wrapped by DDP) at the micro-batch's
+    states: the guided mixture u + s (c - u) when the rollout used guidance s at time t."""
+    scale = rollout_cfg.guidance_scale if m.t < rollout_cfg.guidance_trunc else 1.0
+    return guided_logits(_Caller(lambda a, b, g: module(a, b, g)), m.text, m.states, m.grid, scale, m.uncond)

@@ -42,7 +42,8 @@ def main() -> None:
         ["a photo of a red circle"] * 4), pipe.encode_prompt([""]), x1, (8, 8), gen, 0.5)[0].backward())
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(DEFAULT_CONFIG, ["model.dtype=bfloat16", "training.max_steps=2", "experiment.eval_every=0",
-                                           "sampling.num_prompts_per_step=4", f"experiment.output_dir={out}/run"])
+                                           "sampling.num_prompts_per_step=4", "training.micro_batch_size=32",
+                                           f"experiment.output_dir={out}/run"])
         trainer = UDMGRPOTrainer(cfg, progress=False)
         assert trainer.acc.device.type == device.type, f"the trainer runs on {trainer.acc.device}"
         check("two UDM-GRPO steps in bf16 with float32 masters", trainer.train)

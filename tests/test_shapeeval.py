@@ -200,8 +200,13 @@ def test_evaluate_images_summary():
     summary = evaluate_images(images, records)
     assert list(summary["per_tag"]) == list(TAGS)
     assert summary["per_tag"]["single_object"]["strict"] == 0.0
-    assert summary["per_tag"]["position"] == {"strict": 1.0, "score": 1.0, "n": 80}
+    # 95% Agresti-Coull half-width of 80 successes in 80: p' = 82/84 over n + 4 = 84 draws
+    h = 1.959964 * (82 / 84 * 2 / 84 / 84) ** 0.5
+    assert summary["per_tag"]["position"] == pytest.approx({"strict": 1.0, "score": 1.0, "n": 80,
+                                                           "strict_ci95": h, "score_ci95": h})
     overall = summary["overall"]
+    one_per_tag = [row["strict_ci95"] for row in summary["per_tag"].values()]
+    assert overall["strict_ci95"] == pytest.approx(sum(x * x for x in one_per_tag) ** 0.5 / len(TAGS))
     assert overall["n"] == len(records)
     assert overall["strict"] == pytest.approx(5 / 6)  # mean over tags, as GenEval's overall score
     assert overall["strict_images"] == pytest.approx(1 - 1 / len(records))

@@ -73,12 +73,13 @@ def write_report(rows: list[dict], output: Path, steps: int) -> None:
     import matplotlib.pyplot as plt
 
     lines = [f"# Ablation ({steps} steps each, same seeds)", "",
-             "| variant | held-out strict before | after | held-out score after | train reward (last 10) "
+             "| variant | held-out strict before | after (+- 95%) | held-out score after | train reward (last 10) "
              "| KL (last 10) | minutes |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         b, a = r["eval_before"], r["eval_after"]
         nan = float("nan")
         lines.append(f"| {r['variant']} | {b.get('eval/strict', nan):.3f} | {a.get('eval/strict', nan):.3f} "
+                     f"+-{a.get('eval/ci95/strict', nan):.3f} "
                      f"| {a.get('eval/score', nan):.3f} | {r['reward_last10']:.3f} | {r['kl_last10']:.4f} "
                      f"| {r['minutes']} |")
     (output / "ablation.md").write_text("\n".join(lines) + "\n")

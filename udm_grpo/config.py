@@ -78,6 +78,14 @@ INT_PAIR = Rule(
     lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(x) and x >= 0 for x in v),
     list,
 )
+REWARD_NAME = Rule(
+    "a reward name or a list of distinct reward names",
+    lambda v: (isinstance(v, str) and v != "") or (isinstance(v, (list, tuple)) and len(v) > 0 and all(
+        isinstance(x, str) and x for x in v) and len(set(v)) == len(v)),
+    lambda v: v if isinstance(v, str) else list(v),
+)
+NUMBERS = Rule("a list of numbers", lambda v: isinstance(v, (list, tuple)) and all(_is_num(x) for x in v),
+               lambda v: [float(x) for x in v])
 BETAS = Rule(
     "a list of two numbers in [0, 1)",
     lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_num(x) and 0 <= x < 1 for x in v),
@@ -129,8 +137,10 @@ class SamplingConfig:
 
 @dataclass
 class RewardConfig:
-    name: str = opt("geneval", STRING, "reward name (or composition) understood by udm_grpo.rewards")
-    params: dict = opt({}, MAPPING, "keyword arguments of the reward")
+    name: str | list = opt("geneval", REWARD_NAME, "reward name, or a list of names summed with reward.weights")
+    params: dict = opt({}, MAPPING, "keyword arguments of the reward (of a list: one mapping per name)")
+    weights: list | None = opt(None, optional(NUMBERS), "weights of a list of rewards; null = all 1")
+    normalize: bool = opt(False, BOOL, "standardise each listed reward's scores per call before the weighted sum")
     advantage_clipping: float | None = opt(5.0, optional(POS_FLOAT), "clip advantages to +-this; null = off")
     advantage_eps: float = opt(1e-4, POS_FLOAT, "A = (s - mean) / (std + eps)")
     global_std: bool = opt(False, BOOL, "normalise by the std of all scores instead of per group")
@@ -284,6 +294,11 @@ def _build(cls, data: Mapping, prefix: str, origins: dict[str, str]):
 
 
 def _cross_checks(cfg: Config, origins: dict[str, str]) -> None:
+    r = cfg.reward
+    if r.weights is not None and (isinstance(r.name, str) or len(r.weights) != len(r.name)):
+        count = 1 if isinstance(r.name, str) else len(r.name)
+        raise ConfigError(f"config key 'reward.weights' has {len(r.weights)} weights for {count} reward(s) in "
+                          f"'reward.name'{_origin_text('reward.weights', origins)}; give one weight per listed reward.")
     s = cfg.sampling
     lo, hi = s.train_start
     steps = s.rollout.num_inference_steps

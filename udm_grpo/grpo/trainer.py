@@ -74,7 +74,7 @@ class UDMGRPOTrainer:
         if reward is None:
             from ..rewards import build_reward
 
-            reward = build_reward(c.reward.name, c.reward.params)
+            reward = build_reward(c.reward.name, c.reward.params, c.reward.weights, c.reward.normalize)
         self.reward = reward
         self.lora = c.model.lora is not None
         self.model, self.reference = build_policy(self.pipe.transformer, c.model, c.reward.kl_beta, self.compute_dtype)

@@ -6,6 +6,8 @@ from ..errors import ConfigError
 
 REWARDS = {
     "shapeeval": ("udm_grpo.rewards.shapeeval", "ShapeEvalReward"),
+    "clipscore": ("udm_grpo.rewards.clip_score", "CLIPReward"),
+    "pickscore": ("udm_grpo.rewards.clip_score", "PickScoreReward"),
 }
 
 
@@ -19,17 +21,39 @@ def _reward_class(name: str):
     return getattr(importlib.import_module(module), cls)
 
 
-def check_reward(name: str, params: dict | None = None) -> None:
-    """ConfigError unless `name` is known and `params` fit its constructor (nothing is loaded)."""
+def _component_params(names: list[str], params: dict | None) -> dict[str, dict]:
+    """reward.params of a composition: a mapping per component name (absent = defaults)."""
+    params = params or {}
+    extra = [k for k in params if k not in names]
+    if extra or not all(isinstance(v, dict) for v in params.values()):
+        raise ConfigError(f"config key 'reward.params' of the composed reward {names} must map each reward name to "
+                          f"its keyword arguments, e.g. {{{names[0]}: {{...}}}}" +
+                          (f"; '{extra[0]}' is not one of them." if extra else "."))
+    return {n: params.get(n, {}) for n in names}
+
+
+def check_reward(name: str | list[str], params: dict | None = None) -> None:
+    """ConfigError unless every reward name is known and its params fit its constructor (nothing is loaded)."""
     import inspect
 
+    if isinstance(name, list):
+        for n, p in _component_params(name, params).items():
+            check_reward(n, p)
+        return
     try:
         inspect.signature(_reward_class(name)).bind(**(params or {}))
     except TypeError as e:
         raise ConfigError(f"config key 'reward.params' does not fit reward '{name}': {e}.") from None
 
 
-def build_reward(name: str, params: dict | None = None):
-    """Instantiate a reward by its config name (reward.name) with keyword arguments (reward.params)."""
+def build_reward(name: str | list[str], params: dict | None = None, weights: list[float] | None = None,
+                 normalize: bool = False):
+    """A reward from its config: one name (reward.name) with keyword arguments (reward.params), or a list
+    of names composed as a weighted sum (reward.weights, reward.normalize; params keyed by name)."""
     check_reward(name, params)
+    if isinstance(name, list):
+        from .compose import ComposedReward
+
+        parts = {n: build_reward(n, p) for n, p in _component_params(name, params).items()}
+        return ComposedReward(parts, weights, normalize)
     return _reward_class(name)(**(params or {}))

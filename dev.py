@@ -24,11 +24,13 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / "python"
+EXTRAS = "dev,ocr"  # test tools, and the OCR engine whose models ship in its wheel (its tests read real text)
 
 
 def setup() -> None:
     constraints = os.environ.get("UDM_GRPO_CONSTRAINTS", str(ROOT / "constraints.txt"))
-    stamp_src = (ROOT / "pyproject.toml").read_bytes() + (Path(constraints).read_bytes() if constraints else b"")
+    stamp_src = (ROOT / "pyproject.toml").read_bytes() + (Path(constraints).read_bytes() if constraints else b"") \
+        + EXTRAS.encode()
     stamp = VENV / f".installed-{hashlib.sha256(stamp_src).hexdigest()[:16]}"
     if stamp.exists():
         return
@@ -39,7 +41,7 @@ def setup() -> None:
     if constraints:
         env["PIP_CONSTRAINT"] = constraints  # also reaches build environments
     print("udm-grpo: installing the project and its test tools into .venv", flush=True)
-    subprocess.check_call([str(PY), "-m", "pip", "install", "-q", "-e", f"{ROOT}[dev]"], env=env)
+    subprocess.check_call([str(PY), "-m", "pip", "install", "-q", "-e", f"{ROOT}[{EXTRAS}]"], env=env)
     for old in VENV.glob(".installed-*"):
         old.unlink()
     stamp.touch()

@@ -73,13 +73,13 @@ def check(cfg) -> None:
     from ..data.prompts import load_prompts
     from ..grpo.batching import plan_from_config
     from ..models.pipeline import URSAPipeline
-    from ..rewards import check_reward
+    from ..rewards import check_prompt_source, check_reward
     from ..tinyworld import SHIPPED_MODEL
 
     check_reward(cfg.reward.name, cfg.reward.params)
     URSAPipeline.check_folder(Path(cfg.model.path) if cfg.model.path else SHIPPED_MODEL)
     for source in (cfg.data.train or "shapes:train", cfg.data.test or "shapes:test"):
-        load_prompts(source)
+        check_prompt_source(cfg.reward.name, load_prompts(source), source)
     print(plan_from_config(cfg, 1).describe())
 
 

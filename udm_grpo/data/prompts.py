@@ -46,6 +46,16 @@ def load_prompts(source: str) -> list[dict]:
     return records
 
 
+def prompt_location(source: str, index: int) -> str:
+    """'FILE:LINE' of record `index` of a .txt/.jsonl prompt source (records are its non-blank lines), or
+    'SOURCE prompt N' for a built-in set."""
+    path = Path(source)
+    if not path.is_file():
+        return f"{source} prompt {index + 1}"
+    lines = [n for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    return f"{path}:{lines[index]}" if index < len(lines) else f"{path} prompt {index + 1}"
+
+
 def balance_tags(records: list[dict], size: int | None = None) -> list[dict]:
     """Exactly `size` records per tag (default: the largest tag's count), cycling through each tag's
     records in order: small tags repeat prompts, large tags keep their first `size`."""

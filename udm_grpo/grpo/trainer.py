@@ -29,6 +29,7 @@ from ..config import Config, save_resolved
 from ..data.prompts import PromptStream, load_prompts
 from ..errors import UserError
 from ..models.pipeline import URSAPipeline
+from ..rewards import REWARDS, check_prompt_source
 from .advantages import expand_prompts, group_advantages, group_stats
 from .batching import plan_from_config
 from .checkpoint import begin_checkpoint, commit_checkpoint, load_checkpoint, resolve_checkpoint, write_rng
@@ -83,8 +84,13 @@ class UDMGRPOTrainer:
                                 weight_decay=c.training.weight_decay)
         self.policy, self.optimizer = self.acc.prepare(ImageLogits(self.model), opt)
         self.generator = torch.Generator(device=self.acc.device).manual_seed(c.training.seed + 1000 * self.rank)
-        self.data = PromptStream(load_prompts(c.data.train or "shapes:train"), c.training.seed, c.data.shuffle)
-        self.eval_records = eval_records(load_prompts(c.data.test or "shapes:test"), c.experiment)
+        train, test = c.data.train or "shapes:train", c.data.test or "shapes:test"
+        train_records, test_records = load_prompts(train), load_prompts(test)
+        if isinstance(c.reward.name, list) or c.reward.name in REWARDS:  # rewards passed in code are not checked
+            for source, records in ((train, train_records), (test, test_records)):
+                check_prompt_source(c.reward.name, records, source)
+        self.data = PromptStream(train_records, c.training.seed, c.data.shuffle)
+        self.eval_records = eval_records(test_records, c.experiment)
         self.step, self.nonfinite, self.skipped = 0, 0, 0
         self.run_dir = Path(c.experiment.output_dir)
         self.logger = None

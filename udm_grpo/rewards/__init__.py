@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UserError
 
 REWARDS = {
     "shapeeval": ("udm_grpo.rewards.shapeeval", "ShapeEvalReward"),
     "clipscore": ("udm_grpo.rewards.clip_score", "CLIPReward"),
     "pickscore": ("udm_grpo.rewards.clip_score", "PickScoreReward"),
+    "ocr": ("udm_grpo.rewards.ocr", "OCRReward"),
 }
 
 
@@ -57,3 +58,15 @@ def build_reward(name: str | list[str], params: dict | None = None, weights: lis
         parts = {n: build_reward(n, p) for n, p in _component_params(name, params).items()}
         return ComposedReward(parts, weights, normalize)
     return _reward_class(name)(**(params or {}))
+
+
+def check_prompt_source(name: str | list[str], records: list[dict], source: str) -> None:
+    """UserError naming file:line when a reward cannot score one of the prompts of `source` (e.g. the OCR
+    reward and a prompt that quotes no text); rewards say so with a `check_prompts(prompts)` hook."""
+    from ..data.prompts import prompt_location
+
+    for n in name if isinstance(name, list) else [name]:
+        hook = getattr(_reward_class(n), "check_prompts", None)
+        bad = hook([r["prompt"] for r in records]) if hook else None
+        if bad is not None:
+            raise UserError(f"{prompt_location(source, bad[0])}: the prompt {records[bad[0]]['prompt']!r} {bad[1]}.")

@@ -24,11 +24,14 @@ def _byte_symbols() -> list[str]:
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    """A 2-layer, width-32 CLIP (image 32 px, patch 8) with a character-level CLIP tokenizer, saved as
-    model + processor folder: what `from_pretrained` reads for the real ones."""
+    return build_tiny_clip(tmp_path_factory.mktemp("clip"))
+
+
+def build_tiny_clip(folder):
+    """A 2-layer, width-32 CLIP (image 32 px, patch 8) with a character-level CLIP tokenizer, saved as a
+    model + processor folder (`folder/model`): what `from_pretrained` reads for the real ones."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    folder = tmp_path_factory.mktemp("clip")
     syms = _byte_symbols()
     vocab = {s: i for i, s in enumerate([*syms, *(s + "</w>" for s in syms), "<|startoftext|>", "<|endoftext|>"])}
     (folder / "vocab.json").write_text(json.dumps(vocab))

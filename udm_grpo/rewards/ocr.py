@@ -14,6 +14,7 @@ offline on a CPU) and `tesseract` (the `tesseract` program via pytesseract). Pro
 
 from __future__ import annotations
 
+import logging
 import re
 
 import numpy as np
@@ -70,6 +71,7 @@ class OCRReward:
             if self.engine == "rapidocr":
                 from rapidocr import RapidOCR
 
+                logging.getLogger("RapidOCR").setLevel(logging.ERROR)  # not a warning per image without text
                 engine = RapidOCR()
                 self._reader = lambda im: " ".join(engine(im).txts or ())
             else:

@@ -52,7 +52,8 @@ def main() -> None:
             "ocr": ({}, ['a sign that says "open"'] * n, None),
         }
         signs, scenes = render_signs(n), render_batch(records, rng)
-        print(f"rewards at 512x512 (ShapeEval at 64x64), {n} images ({'CLIP ' + clip if args.clip else 'tiny random CLIP'})")
+        which = f"CLIP {clip}" if args.clip else "tiny random CLIP"
+        print(f"rewards at 512x512 (ShapeEval at 64x64), {n} images ({which})")
         for name, (params, prompts, meta) in cases.items():
             reward = build_reward(name, params)
             batch = {"ocr": signs, "shapeeval": scenes}.get(name, images)

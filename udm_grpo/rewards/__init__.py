@@ -9,6 +9,7 @@ REWARDS = {
     "clipscore": ("udm_grpo.rewards.clip_score", "CLIPReward"),
     "pickscore": ("udm_grpo.rewards.clip_score", "PickScoreReward"),
     "ocr": ("udm_grpo.rewards.ocr", "OCRReward"),
+    "geneval": ("udm_grpo.rewards.geneval", "GenEvalReward"),
 }
 
 

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / "python"
-EXTRAS = "dev,ocr"  # test tools, and the OCR engine whose models ship in its wheel (its tests read real text)
+EXTRAS = "dev,ocr,serve"  # test tools, the OCR engine (models in its wheel) and the reward service
 
 
 def setup() -> None:

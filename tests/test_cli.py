@@ -83,6 +83,8 @@ def test_partial_config_is_layered_on_the_tiny_world(tmp_path):
     (["train", "--check", "data.test=/nonexistent.jsonl"], "/nonexistent.jsonl"),
     (["train", "--check", "experiment.sample_every=5"], "experiment.eval_every"),
     (["eval", "shapes", "--checkpoint", "/nonexistent/run"], "--checkpoint /nonexistent/run: no such folder"),
+    (["serve-reward", "--reward", "shapeeval", "--token-file", "/nonexistent/token"], "/nonexistent/token"),
+    (["serve-reward", "--reward", "shapeeval", "--token-file", "t", "--port", "80"], "privileged"),
 ])
 def test_train_inputs_are_one_sentence(args, needle):
     result = run_cli(*args)

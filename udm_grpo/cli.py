@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("udm_grpo.commands.evaluate", "evaluate a model (eval shapes: ShapeEval on the tiny world)"),
     "export": ("udm_grpo.commands.export", "a training checkpoint -> a pipeline folder (e.g. in bf16)"),
     "score": ("udm_grpo.commands.score", "score image files with a reward (JSON per image and a summary)"),
+    "serve-reward": ("udm_grpo.commands.serve_reward", "serve a reward over HTTP for trainers on other machines"),
 }
 
 

@@ -10,6 +10,7 @@ REWARDS = {
     "pickscore": ("udm_grpo.rewards.clip_score", "PickScoreReward"),
     "ocr": ("udm_grpo.rewards.ocr", "OCRReward"),
     "geneval": ("udm_grpo.rewards.geneval", "GenEvalReward"),
+    "remote": ("udm_grpo.rewards.service", "RemoteReward"),
 }
 
 

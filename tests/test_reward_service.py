@@ -1,0 +1,140 @@
+"""The reward service on a real loopback server: scores equal in-process scores, 401 / 413 / 422,
+random and malformed bodies never crash it nor get 200, concurrent clients, and the client's retries."""
+
+import base64
+import io
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("fastapi", reason="the reward service needs the 'serve' extra: pip install 'udm-grpo[serve]'")
+httpx = pytest.importorskip("httpx", reason="the reward service needs the 'serve' extra")
+
+from udm_grpo.data.shapes import generate_records, render_batch  # noqa: E402
+from udm_grpo.errors import UserError  # noqa: E402
+from udm_grpo.rewards import build_reward  # noqa: E402
+from udm_grpo.rewards.service import RemoteReward, create_app  # noqa: E402
+
+TOKEN = "a-test-token-of-32-characters-xx"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    import uvicorn
+
+    port = free_port()
+    app = create_app(build_reward("shapeeval"), "shapeeval", TOKEN, max_batch=8, max_side=256, max_body=2**20)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def token_file(tmp_path):
+    path = tmp_path / "token"
+    path.write_text(TOKEN + "\n")
+    return str(path)
+
+
+def batch(n=4):
+    records = generate_records("test")[:n]
+    return render_batch(records, np.random.default_rng(0)), [r["prompt"] for r in records], records
+
+
+def png(image) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def post(url, body, token=TOKEN, raw=None):
+    headers = {"Authorization": f"Bearer {token}"}
+    return httpx.post(f"{url}/score", content=raw if raw is not None else json.dumps(body), headers=headers,
+                      timeout=30)
+
+
+def test_scores_equal_in_process(server, token_file):
+    images, prompts, records = batch()
+    remote = RemoteReward(server, token_file)(images, prompts, records)
+    local = build_reward("shapeeval")(images, prompts, records)
+    assert torch.equal(remote.scores, local.scores) and torch.equal(remote.values["strict"], local.values["strict"])
+    assert httpx.get(f"{server}/health", timeout=10).json() == {"reward": "shapeeval"}
+
+
+def test_status_codes(server):
+    images, prompts, records = batch(2)
+    good = {"images": [png(im) for im in images], "prompts": prompts, "metadata": records}
+    assert post(server, good).status_code == 200
+    assert post(server, good, token="wrong").status_code == 401
+    assert post(server, {**good, "images": good["images"] * 5, "prompts": prompts * 5,
+                         "metadata": records * 5}).status_code == 413  # 10 images > max_batch 8
+    assert post(server, None, raw=b"x" * (2**20 + 10)).status_code == 413
+    big = np.zeros((300, 300, 3), np.uint8)
+    assert post(server, {**good, "images": [png(big)] * 2}).status_code == 413
+    bad = post(server, {**good, "metadata": [None, None]})  # ShapeEval needs GenEval metadata
+    assert bad.status_code == 422 and "prompt 0" in bad.json()["detail"]
+    assert post(server, {**good, "images": ["not base64!", good["images"][1]]}).status_code == 422
+
+
+def test_random_and_malformed_bodies_never_succeed(server):
+    rng = np.random.default_rng(0)
+    images, prompts, records = batch(1)
+    one = png(images[0])
+    shapes = [lambda: rng.bytes(int(rng.integers(0, 200))), lambda: json.dumps(int(rng.integers(-9, 9))).encode(),
+              lambda: json.dumps({"images": [one], "prompts": [int(rng.integers(9))]}).encode(),
+              lambda: json.dumps({"images": one, "prompts": prompts}).encode(),
+              lambda: json.dumps({"images": [one], "prompts": prompts, "metadata": [[1, 2]]}).encode(),
+              lambda: json.dumps({"images": [one[: int(rng.integers(1, len(one) // 2))]], "prompts": prompts,
+                                  "metadata": records}).encode(),
+              lambda: json.dumps({"images": [one], "prompts": prompts,
+                                  "metadata": [{"include": [{"class": 3}]}]}).encode(),
+              lambda: json.dumps({"images": [], "prompts": []}).encode()]
+    with httpx.Client(timeout=30) as client:
+        for i in range(1000):
+            body = shapes[i % len(shapes)]()
+            r = client.post(f"{server}/score", content=body, headers={"Authorization": f"Bearer {TOKEN}"})
+            assert 400 <= r.status_code < 500, (i, r.status_code, body[:200])
+    assert httpx.get(f"{server}/health", timeout=10).status_code == 200
+
+
+def test_concurrent_clients(server, token_file):
+    images, prompts, records = batch(3)
+    expected = build_reward("shapeeval")(images, prompts, records).scores
+    client = RemoteReward(server, token_file)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: client(images, prompts, records).scores, range(8)))
+    assert all(torch.equal(r, expected) for r in results)
+
+
+def test_client_retries_then_reports(token_file, monkeypatch):
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        raise httpx.ConnectError("refused")
+
+    monkeypatch.setattr(httpx, "post", failing)
+    images, prompts, records = batch(1)
+    with pytest.raises(UserError, match="cannot be reached"):
+        RemoteReward("http://127.0.0.1:9", token_file, retries=2, backoff=0.0)(images, prompts, records)
+    assert len(calls) == 3

@@ -64,5 +64,57 @@ def main() -> None:
             print(f"  {name:10s} {n / seconds:8.1f} images/s")
 
 
+class MeanPixel:
+    """A reward that costs nothing: what is left of a call through the service is its transport."""
+
+    def __call__(self, images, prompts, metadata):
+        from udm_grpo.rewards.base import RewardOutput
+
+        s = np.asarray(images, dtype=np.float32).mean(axis=(1, 2, 3)) / 255
+        return RewardOutput(s, {"mean": s})
+
+
+def service_overhead(n: int = 64) -> None:
+    """Seconds per batch of n images in process and through a loopback reward service."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from udm_grpo.data.shapes import generate_records, render_batch
+    from udm_grpo.rewards import build_reward
+    from udm_grpo.rewards.service import RemoteReward, create_app
+
+    records = [generate_records("test")[i % 100] for i in range(n)]
+    small, prompts = render_batch(records, np.random.default_rng(0)), [r["prompt"] for r in records]
+    large = small.repeat(8, axis=1).repeat(8, axis=2)  # the same scenes at 512x512
+    token = "benchmark-token-0123456789"
+    for label, reward, images in (("ShapeEval, 64x64", build_reward("shapeeval"), small),
+                                  ("zero-cost reward, 512x512", MeanPixel(), large)):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(create_app(reward, "bench", token), host="127.0.0.1", port=port,
+                                               log_level="error"))
+        threading.Thread(target=server.run, daemon=True).start()
+        while not server.started:
+            time.sleep(0.05)
+        with tempfile.NamedTemporaryFile("w", suffix=".token") as f:
+            f.write(token)
+            f.flush()
+            remote = RemoteReward(f"http://127.0.0.1:{port}", f.name)
+            remote(images[:2], prompts[:2], records[:2])
+            start = time.perf_counter()
+            reward(images, prompts, records)
+            local = time.perf_counter() - start
+            start = time.perf_counter()
+            remote(images, prompts, records)
+            served = time.perf_counter() - start
+        server.should_exit = True
+        print(f"  service, {label}, {n} images: in process {local:.3f} s, through the loopback service "
+              f"{served:.3f} s (overhead {served - local:.3f} s per batch)")
+
+
 if __name__ == "__main__":
     main()
+    service_overhead()

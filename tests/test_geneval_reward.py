@@ -126,3 +126,30 @@ def test_class_names_are_checked(tiny_models, tmp_path):
     partial.write_text("person\ncup\ndog\n")
     with pytest.raises(ConfigError, match="'computer mouse'"):
         GenEvalReward(detector, clip, class_names=str(partial), device="cpu")._load()
+
+
+def test_mmdet_results_convert_to_instances():
+    """The mmdet backend's conversion, on an object shaped like mmdetection 3.x's DetDataSample."""
+    from types import SimpleNamespace
+
+    from udm_grpo.rewards.geneval import mmdet_instances
+
+    masks = np.zeros((3, 8, 8), bool)
+    masks[0, :2, :2] = masks[1, 4:, 4:] = True  # the third mask is empty: no instance
+    pred = SimpleNamespace(labels=torch.tensor([1, 2, 0]), scores=torch.tensor([0.9, 0.4, 0.8]),
+                           masks=torch.from_numpy(masks))
+    out = mmdet_instances(SimpleNamespace(pred_instances=pred), {0: "person", 1: "computer mouse", 2: "cup"})
+    assert [(c, round(s, 3)) for c, s, _ in out] == [("computer mouse", 0.9), ("cup", 0.4)]
+    assert out[0][2].sum() == 4 and out[1][2].sum() == 16
+    with pytest.raises(ValueError, match="mmdet_config"):
+        GenEvalReward(detector_backend="mmdet")
+
+
+def test_mmdet_backend_reports_a_missing_checkpoint(tmp_path):
+    pytest.importorskip("mmdet", reason="mmdetection is not installed (optional backend; see the README)")
+    from udm_grpo.errors import CheckpointError
+
+    reward = GenEvalReward(str(tmp_path / "missing.pth"), detector_backend="mmdet",
+                           mmdet_config=str(tmp_path / "missing.py"), device="cpu")
+    with pytest.raises(CheckpointError, match="missing.pth"):
+        reward._load_mmdet()

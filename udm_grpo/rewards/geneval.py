@@ -8,6 +8,9 @@ reference's mmdetection checkpoint). Its `id2label` names map to GenEval's 80 na
 must be one of them. Instances (binary masks, scores) are filtered as in GenEval: score > 0.3
 (> 0.9 for the counting tag), at most 16 per class, highest first (`geneval_rules.filter_detections`).
 
+`detector_backend: mmdet` runs the reference's own checkpoint instead: `mmdet_config` is its
+mmdetection 3.x config file and `detector` its .pth (install mmcv 2.1 and mmdet 3.3; not in CI).
+
 Colour: CLIP (default `openai/clip-vit-large-patch14`) zero-shot over GenEval's 10 colours, each colour's
 text embedding the normalised mean of "a photo of a {c} {cls}", "a photo of a {c}-colored {cls}" and
 "a photo of a {c} object" (cached per class), on the object's crop: the image composited through its mask
@@ -45,6 +48,16 @@ def box_of(mask: np.ndarray) -> tuple[float, float, float, float]:
     return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
 
 
+def mmdet_instances(result, labels: dict[int, str]) -> list[tuple[str, float, np.ndarray]]:
+    """(class, score, bool mask) from an mmdetection 3.x `DetDataSample` (`pred_instances` with labels,
+    scores and masks)."""
+    pred = result.pred_instances
+    as_numpy = lambda x: x.cpu().numpy() if hasattr(x, "cpu") else np.asarray(x)  # noqa: E731
+    masks = as_numpy(pred.masks).astype(bool)
+    return [(labels[int(c)], float(s), m) for c, s, m in zip(as_numpy(pred.labels), as_numpy(pred.scores), masks)
+            if m.any()]
+
+
 class GenEvalReward:
     """See the module docstring. `device` None = CUDA when available (then float16); models load lazily."""
 
@@ -52,7 +65,14 @@ class GenEvalReward:
 
     def __init__(self, detector: str = "facebook/mask2former-swin-small-coco-instance",
                  clip: str = "openai/clip-vit-large-patch14", class_names: str | None = None,
-                 device: str | None = None, batch_size: int = 8, strict: bool = False):
+                 device: str | None = None, batch_size: int = 8, strict: bool = False,
+                 detector_backend: str = "transformers", mmdet_config: str | None = None):
+        if detector_backend not in ("transformers", "mmdet"):
+            raise ValueError(f"detector_backend must be 'transformers' or 'mmdet', got {detector_backend!r}")
+        if detector_backend == "mmdet" and not mmdet_config:
+            raise ValueError("detector_backend 'mmdet' needs mmdet_config (the mmdetection config file); "
+                             "detector is then the checkpoint (.pth)")
+        self.backend, self.mmdet_config = detector_backend, mmdet_config
         self.detector_id, self.clip_id, self.class_names = detector, clip, class_names
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size, self.strict = int(batch_size), strict
@@ -64,30 +84,56 @@ class GenEvalReward:
         from transformers import AutoImageProcessor, CLIPModel, CLIPProcessor, Mask2FormerForUniversalSegmentation
 
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        if self.backend == "mmdet":
+            self._load_mmdet()
         try:
-            model = Mask2FormerForUniversalSegmentation.from_pretrained(self.detector_id)
-            self._processor = AutoImageProcessor.from_pretrained(self.detector_id)
+            if self.backend == "transformers":
+                model = Mask2FormerForUniversalSegmentation.from_pretrained(self.detector_id)
+                self._processor = AutoImageProcessor.from_pretrained(self.detector_id)
+                id2label = model.config.id2label
+                self._detector = model.to(self.device, dtype).eval()
+            else:
+                id2label = dict(enumerate(self._mmdet.dataset_meta["classes"]))
             clip = CLIPModel.from_pretrained(self.clip_id)
             self._clip_processor = CLIPProcessor.from_pretrained(self.clip_id)
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"reward 'geneval': cannot load its models ({first}); give local folders with "
                                   "reward.params.detector and reward.params.clip.") from None
-        self.labels = {int(i): COCO_TO_GENEVAL.get(n, n) for i, n in model.config.id2label.items()}
+        self.labels = {int(i): COCO_TO_GENEVAL.get(n, n) for i, n in id2label.items()}
         if self.class_names:
             known = {ln.strip() for ln in Path(self.class_names).read_text().splitlines() if ln.strip()}
             unknown = [n for n in self.labels.values() if n not in known]
             if unknown:
                 raise ConfigError(f"reward 'geneval': the detector's class '{unknown[0]}' is not one of the names in "
                                   f"{self.class_names}.")
-        self._detector = model.to(self.device, dtype).eval()
         self._clip = clip.to(self.device, dtype).eval()
+
+    def _load_mmdet(self) -> None:
+        """The reference's detector: the user's mmdetection (3.x) config and checkpoint."""
+        try:
+            from mmdet.apis import init_detector
+        except ImportError:
+            raise ConfigError("detector_backend 'mmdet' needs mmdetection 3.x and mmcv 2.1 (see the README); "
+                              "they are not installed.") from None
+        try:
+            self._mmdet = init_detector(self.mmdet_config, self.detector_id, device=str(self.device))
+        except (OSError, KeyError, ValueError) as e:
+            raise CheckpointError(f"reward 'geneval': cannot load the mmdetection detector {self.detector_id} with "
+                                  f"config {self.mmdet_config} ({type(e).__name__}: {e}).") from None
+        self._detector = self._mmdet
 
     @torch.inference_mode()
     def instances(self, images: np.ndarray) -> list[list[tuple[str, float, np.ndarray]]]:
         """Per image: (GenEval class, score, bool mask [H, W]) of every instance the detector returns."""
         from PIL import Image
 
+        if self.backend == "mmdet":
+            from mmdet.apis import inference_detector
+
+            # mmdetection reads in-memory arrays as BGR (the reference passed RGB: a channel swap)
+            results = inference_detector(self._mmdet, [im[..., ::-1].copy() for im in images])
+            return [mmdet_instances(r, self.labels) for r in results]
         out = []
         for i in range(0, len(images), self.batch_size):
             batch = images[i:i + self.batch_size]

@@ -1,6 +1,7 @@
 """The GenEval reward on a tiny random Mask2Former and a tiny random CLIP saved in the Hugging Face format,
 and its post-processing and colour path with the models replaced at their boundary."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -153,3 +154,30 @@ def test_mmdet_backend_reports_a_missing_checkpoint(tmp_path):
                            mmdet_config=str(tmp_path / "missing.py"), device="cpu")
     with pytest.raises(CheckpointError, match="missing.pth"):
         reward._load_mmdet()
+
+
+def test_score_command_and_trainer_with_geneval(tiny_models, tmp_path, capsys):
+    from PIL import Image
+
+    from udm_grpo.cli import main
+    from udm_grpo.grpo.trainer import UDMGRPOTrainer
+
+    from .test_pipeline import tiny_pipeline
+    from .test_trainer import make_config
+
+    detector, clip = tiny_models
+    meta = tmp_path / "meta.jsonl"
+    meta.write_text("".join(json.dumps(r) + "\n" for r in RECORDS[:2]))
+    files = []
+    for i, im in enumerate(np.random.default_rng(1).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)):
+        files.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(im).save(files[-1])
+    params = ["-p", f"detector={detector}", "-p", f"clip={clip}", "-p", "device=cpu"]
+    assert main(["score", *files, "--reward", "geneval", *params, "--metadata", str(meta)]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 3 and set(rows[0]["values"]) == {"strict", "score"}
+    cfg = make_config(tmp_path, **{"reward.name": "geneval", "data.train": str(meta), "data.test": str(meta),
+                                   "reward.params": {"detector": detector, "clip": clip, "device": "cpu"},
+                                   "sampling.num_prompts_per_step": 2, "training.max_steps": 1})
+    metrics = UDMGRPOTrainer(cfg, pipeline=tiny_pipeline(), progress=False).train_step()
+    assert {"reward/strict", "reward/score", "train/loss"} <= set(metrics)

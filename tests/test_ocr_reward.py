@@ -107,3 +107,18 @@ def test_score_command_reads_png_files(tmp_path, capsys):
     rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [r["values"]["ocr_exact"] for r in rows[:2]] == [1.0, 0.0]
     assert rows[2]["summary"]["mean ocr_exact"] == 0.5
+
+
+def test_trainer_step_with_the_ocr_reward(tmp_path):
+    pytest.importorskip("rapidocr", reason="the default OCR engine is in the 'ocr' extra")
+    from udm_grpo.grpo.trainer import UDMGRPOTrainer
+
+    from .test_pipeline import tiny_pipeline
+    from .test_trainer import make_config
+
+    prompts = tmp_path / "ocr.txt"
+    prompts.write_text('a sign that says "open"\na poster that says "red circle"\n')
+    cfg = make_config(tmp_path, **{"reward.name": "ocr", "data.train": str(prompts), "data.test": str(prompts),
+                                   "training.max_steps": 1})
+    metrics = UDMGRPOTrainer(cfg, pipeline=tiny_pipeline(), progress=False).train_step()
+    assert {"reward/ocr", "reward/ocr_exact", "train/loss"} <= set(metrics)

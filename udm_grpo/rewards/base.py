@@ -64,3 +64,14 @@ def check_batch(images: np.ndarray, prompts: list[str], metadata: list | None) -
     if not len(images) == len(prompts) == n_meta:
         raise UserError(f"reward batch mismatch: {len(images)} images, {len(prompts)} prompts, "
                         f"{n_meta} metadata records.")
+
+
+def require_geneval_records(records: list, prompts: list[str] | None = None, reward: str = "ShapeEval") -> list[dict]:
+    """`records` when each is a GenEval-schema record (a dict with "include"); UserError naming the first
+    prompt without one otherwise."""
+    for i, r in enumerate(records):
+        if not isinstance(r, dict) or "include" not in r:
+            what = f" ({prompts[i]!r})" if prompts is not None else ""
+            raise UserError(f"{reward} needs a GenEval-schema metadata record for every prompt; "
+                            f"prompt {i}{what} has none.")
+    return records

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, ConfigError, UserError
-from .base import RewardOutput, check_batch, to_uint8_images
+from .base import RewardOutput, check_batch, require_geneval_records, to_uint8_images
 from .geneval_rules import GENEVAL_COLORS, Detection, evaluate, filter_detections
 
 COCO_TO_GENEVAL = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard"}
@@ -184,11 +184,8 @@ class GenEvalReward:
     def __call__(self, images, prompts: list[str], metadata: list[dict | None]) -> RewardOutput:
         images = to_uint8_images(images)
         check_batch(images, prompts, metadata)
-        metadata = list(metadata) if metadata is not None else [None] * len(prompts)
-        for i, r in enumerate(metadata):
-            if not isinstance(r, dict) or "include" not in r:
-                raise UserError(f"the GenEval reward needs a GenEval-schema metadata record for every prompt; "
-                                f"prompt {i + 1} ({prompts[i]!r}) has none.")
+        metadata = require_geneval_records(list(metadata) if metadata is not None else [None] * len(prompts),
+                                           list(prompts), "the GenEval reward")
         if self._detector is None:
             self._load()
         names = set(self.labels.values())

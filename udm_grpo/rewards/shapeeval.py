@@ -35,7 +35,7 @@ from scipy import ndimage
 
 from ..data.shapes import BACKGROUND, CLASSES, COLORS, MAX_SIZE, TAGS, shape_mask
 from ..errors import UserError
-from .base import RewardOutput, check_batch, to_uint8_images
+from .base import RewardOutput, check_batch, require_geneval_records, to_uint8_images
 from .geneval_rules import Detection, evaluate
 
 _NAMES = list(COLORS)
@@ -158,19 +158,10 @@ def detect_batch(images, **kwargs) -> list[list[Detection]]:
     return [detect(im, lab, **kwargs) for im, lab in zip(images, labels)]
 
 
-def _require_records(records: list[dict | None], prompts: list[str] | None = None) -> list[dict]:
-    for i, r in enumerate(records):
-        if not isinstance(r, dict) or "include" not in r:
-            what = f" ({prompts[i]!r})" if prompts is not None else ""
-            raise UserError(f"ShapeEval needs a GenEval-schema metadata record for every prompt; "
-                            f"prompt {i}{what} has none.")
-    return records  # type: ignore[return-value]
-
-
 def score_images(images, records: list[dict], **kwargs) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """(scores float[B], strict bool[B], details per image) for uint8 images [B, H, W, 3]."""
     images = to_uint8_images(images)
-    records = _require_records(records)
+    records = require_geneval_records(records)
     if len(images) != len(records):
         raise UserError(f"ShapeEval got {len(images)} images for {len(records)} records.")
     scores, stricts, details = np.zeros(len(records)), np.zeros(len(records), dtype=bool), []
@@ -193,7 +184,7 @@ class ShapeEvalReward:
     def __call__(self, images, prompts: list[str], metadata: list[dict | None]) -> RewardOutput:
         images = to_uint8_images(images)
         check_batch(images, prompts, metadata)
-        records = _require_records(list(metadata), list(prompts))
+        records = require_geneval_records(list(metadata), list(prompts))
         scores, stricts, _ = score_images(images, records, **self.detector_kwargs)
         score_t = torch.from_numpy(scores).float()
         strict_t = torch.from_numpy(stricts).float()

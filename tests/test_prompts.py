@@ -1,11 +1,13 @@
 """Prompt sources, tag balancing, the resumable prompt stream and the held-out evaluation set."""
 
+import os
 from collections import Counter
 from types import SimpleNamespace
 
 import pytest
 
-from udm_grpo.data.prompts import PromptStream, balance_tags, load_prompts
+from udm_grpo.data import prompts
+from udm_grpo.data.prompts import PromptStream, balance_tags, load_prompts, shard, shard_range
 from udm_grpo.errors import UserError
 from udm_grpo.grpo.trainer import eval_records
 
@@ -60,3 +62,36 @@ def test_eval_records_per_tag_or_per_prompt():
     assert [r["prompt"] for r in eval_records(untagged, e)] == ["x", "x", "y", "y"]
     e.eval_images_per_tag = None
     assert [r["prompt"] for r in eval_records(RECORDS, e)] == ["p0", "p0", "p1", "p1", "p2", "p2"]
+
+
+def test_streamed_records_keep_their_line_numbers(tmp_path, monkeypatch):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\r\n\n  \n{"prompt": "b"}\n\n{"prompt": "c"}')
+    assert [r["prompt"] for r in load_prompts(str(path))] == ["a", "b", "c"]
+    monkeypatch.setattr(prompts, "iter_lines", None)  # locations come from the load, not a second read
+    assert [prompts.prompt_location(str(path), i) for i in range(4)] == [
+        f"{path}:1", f"{path}:4", f"{path}:6", f"{path} prompt 4"]
+    monkeypatch.undo()
+    path.write_text('\n{"prompt": "a"}\n')  # a changed file is read again
+    os.utime(path, ns=(0, 0))
+    assert prompts.prompt_location(str(path), 0) == f"{path}:2"
+    assert prompts.prompt_location("shapes:test", 2) == "shapes:test prompt 3"
+    path.write_bytes(b'{"prompt": "a"}\n{"prompt": "\xff"}\n')
+    with pytest.raises(UserError, match=r"p\.jsonl:2: not UTF-8 text"):
+        load_prompts(str(path))
+
+
+@pytest.mark.parametrize("n, world", [(0, 1), (10, 1), (10, 3), (7, 8), (100, 7)])
+def test_shards_cover_every_item_once_and_differ_by_at_most_one(n, world):
+    items = [f"p{i}" for i in range(n)]
+    parts = [shard(items, r, world) for r in range(world)]
+    assert sorted(x for p in parts for x in p) == sorted(items)
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert all([items[i] for i in shard_range(n, r, world)] == parts[r] for r in range(world))
+    assert parts[0][:2] == items[0:2 * world:world]  # interleaved
+
+
+def test_shard_refuses_bad_ranks():
+    for rank, world in ((2, 2), (-1, 2), (0, 0)):
+        with pytest.raises(ValueError, match="rank"):
+            shard([1, 2, 3], rank, world)

@@ -3,19 +3,53 @@
 A prompt set is a list of records `{"prompt": str, ...}` (GenEval-schema records carry tag /
 include / exclude for rule-based rewards). Sources: `shapes:train` / `shapes:test` (the tiny world),
 a `.jsonl` file (one JSON object with a "prompt" key per line) or a `.txt` file (one prompt per line).
+Files are read one line at a time; the line number of every record is kept (for the last few files
+read) so that `prompt_location` names FILE:LINE without reading the file again. `shard` splits a list
+over processes.
 """
 
 from __future__ import annotations
 
 import json
+from array import array
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from ..errors import UserError
 
+T = TypeVar("T")
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, stripped text) of each non-blank line of a UTF-8 file, read one line at a time
+    (lines end at '\\n'; a trailing '\\r' is stripped with the other whitespace)."""
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8-sig" if n == 1 else "utf-8").strip()
+            except UnicodeDecodeError:
+                raise UserError(f"{path}:{n}: not UTF-8 text.") from None
+            if text:
+                yield n, text
+
+
+def parse_jsonl_line(text: str, where: str) -> dict:
+    """One JSON object with a string 'prompt'; UserError naming `where` (FILE:LINE) otherwise."""
+    try:
+        rec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON ({e.msg}).") from None
+    if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+        raise UserError(f"{where}: each line must be a JSON object with a string 'prompt'.")
+    return rec
+
 
 def load_prompts(source: str) -> list[dict]:
+    """The records of a prompt source (see the module docstring); UserError naming FILE:LINE of a bad line."""
     if source.startswith("shapes:"):
         from .shapes import generate_records
 
@@ -27,23 +61,42 @@ def load_prompts(source: str) -> list[dict]:
     path = Path(source)
     if not path.is_file():
         raise UserError(f"prompt file {path} does not exist.")
-    if path.suffix == ".jsonl":
-        records = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not valid JSON ({e.msg}).") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                raise UserError(f"{path}:{n}: each line must be a JSON object with a string 'prompt'.")
-            records.append(rec)
-    else:
-        records = [{"prompt": ln.strip()} for ln in path.read_text().splitlines() if ln.strip()]
+    key, jsonl = _file_key(path), path.suffix == ".jsonl"
+    records: list[dict] = []
+    lines = array("L")
+    for n, text in iter_lines(path):
+        records.append(parse_jsonl_line(text, f"{path}:{n}") if jsonl else {"prompt": text})
+        lines.append(n)
     if not records:
         raise UserError(f"prompt file {path} holds no prompts.")
+    _remember(key, lines)
     return records
+
+
+# record line numbers of recently loaded files, keyed by (resolved path, mtime_ns, size)
+_LINES: OrderedDict[tuple[str, int, int], array] = OrderedDict()
+_LINES_KEPT = 8
+
+
+def _file_key(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return str(path.resolve()), st.st_mtime_ns, st.st_size
+
+
+def _remember(key: tuple[str, int, int], lines: array) -> None:
+    _LINES[key] = lines
+    _LINES.move_to_end(key)
+    while len(_LINES) > _LINES_KEPT:
+        _LINES.popitem(last=False)
+
+
+def record_lines(path: Path) -> Sequence[int]:
+    """Line numbers of a .txt/.jsonl file's records (its non-blank lines): those `load_prompts` recorded
+    while reading the unchanged file, else one streaming pass."""
+    key = _file_key(path)
+    if key not in _LINES:
+        _remember(key, array("L", (n for n, _ in iter_lines(path))))
+    return _LINES[key]
 
 
 def prompt_location(source: str, index: int) -> str:
@@ -52,8 +105,26 @@ def prompt_location(source: str, index: int) -> str:
     path = Path(source)
     if not path.is_file():
         return f"{source} prompt {index + 1}"
-    lines = [n for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
-    return f"{path}:{lines[index]}" if index < len(lines) else f"{path} prompt {index + 1}"
+    lines = record_lines(path)
+    return f"{path}:{lines[index]}" if 0 <= index < len(lines) else f"{path} prompt {index + 1}"
+
+
+def shard(items: Sequence[T], rank: int, world: int) -> Sequence[T]:
+    """Process `rank`'s share of `items` among `world` processes: items[rank::world]. Interleaved, so the
+    shares differ in size by at most one and together hold every item exactly once."""
+    _check_rank(rank, world)
+    return items[rank::world]
+
+
+def shard_range(n: int, rank: int, world: int) -> range:
+    """The indices `shard(range(n), rank, world)` takes: rank, rank + world, ... below n."""
+    _check_rank(rank, world)
+    return range(rank, n, world)
+
+
+def _check_rank(rank: int, world: int) -> None:
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"need 0 <= rank < world, got rank {rank}, world {world}")
 
 
 def balance_tags(records: list[dict], size: int | None = None) -> list[dict]:

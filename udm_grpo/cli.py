@@ -18,10 +18,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ablate": ("udm_grpo.commands.ablate", "train the paper's ablation ladder and write a table and plot"),
     "pretrain": ("udm_grpo.commands.pretrain", "build and pretrain a tiny-world URSA model from scratch"),
     "sample": ("udm_grpo.commands.sample", "prompts -> a PNG grid of samples"),
-    "eval": ("udm_grpo.commands.evaluate", "evaluate a model (eval shapes: ShapeEval on the tiny world)"),
+    "eval": ("udm_grpo.commands.evaluate", "evaluate a model: shapes (tiny world), geneval, pickscore, ocr"),
     "export": ("udm_grpo.commands.export", "a training checkpoint -> a pipeline folder (e.g. in bf16)"),
     "score": ("udm_grpo.commands.score", "score image files with a reward (JSON per image and a summary)"),
     "serve-reward": ("udm_grpo.commands.serve_reward", "serve a reward over HTTP for trainers on other machines"),
+    "data": ("udm_grpo.commands.data", "prompt data: generate GenEval training metadata, check prompt files"),
 }
 
 

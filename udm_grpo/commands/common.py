@@ -10,10 +10,12 @@ from ..errors import UserError
 
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
-                        help="pipeline folder in the URSA layout (default: the shipped tiny-world model)")
+                        help="pipeline folder in the URSA layout or a hub id such as BAAI/URSA-1.7B-IBQ512 "
+                        "(default: the shipped tiny-world model)")
     parser.add_argument("--checkpoint", default=None,
-                        help="a training checkpoint (RUN/checkpoints/step-N, or RUN to take its latest) whose "
-                        "transformer replaces the model's")
+                        help="a training checkpoint whose transformer replaces the model's: RUN/checkpoints/step-N "
+                        "(or RUN for its latest), a reference checkpoint-N folder (or its output folder for the "
+                        "highest N), or a transformer folder")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
 
@@ -36,6 +38,8 @@ def check_device(device: str) -> None:
 
 
 def load_pipeline(model: str | None, device: str = "cpu", checkpoint: str | None = None):
+    """The pipeline `--model` names (a folder or a hub id; default the shipped tiny world), with the
+    transformer of `--checkpoint` (ours or the reference trainer's, see `resolve_transformer`) if given."""
     import torch
 
     from ..models.pipeline import URSAPipeline
@@ -49,14 +53,10 @@ def load_pipeline(model: str | None, device: str = "cpu", checkpoint: str | None
                         "`udm-grpo pretrain --output udm_grpo/assets/tiny-world`.")
     transformer = None
     if checkpoint:
-        from ..grpo.checkpoint import resolve_checkpoint
+        from ..grpo.checkpoint import resolve_transformer
 
-        ckpt = resolve_checkpoint(checkpoint, flag="--checkpoint")
-        transformer = ckpt / "transformer"
-        if not transformer.is_dir():
-            what = "a LoRA adapter, which" if (ckpt / "adapter").is_dir() else "no transformer/ folder, so it"
-            raise UserError(f"--checkpoint {checkpoint}: {ckpt} holds {what} cannot be evaluated yet.")
-    return URSAPipeline.from_pretrained(folder, device=device, transformer=transformer)
+        transformer = resolve_transformer(checkpoint, flag="--checkpoint")
+    return URSAPipeline.from_pretrained(model or folder, device=device, transformer=transformer)
 
 
 def sampling_arguments(parser: argparse.ArgumentParser) -> None:

@@ -31,6 +31,7 @@ from ..errors import CheckpointError, UserError
 from ..models.io import share_files
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+REFERENCE_DIR = re.compile(r"^checkpoint-(\d+)$")  # the reference trainer's <out>/checkpoints/checkpoint-<step>
 
 
 def optimizer_to_flat(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -95,6 +96,40 @@ def resolve_checkpoint(spec: str, run_dir: Path | None = None, flag: str = "--re
     if found is None:
         raise UserError(f"{what}: no checkpoint in {path / 'checkpoints'}.")
     return found
+
+
+def resolve_transformer(spec: str, flag: str = "--checkpoint") -> Path:
+    """The transformer folder of a checkpoint for evaluation: ours (a run folder: its latest; `step-N`) or
+    the reference trainer's (an output folder: its highest `checkpoint-N`; `checkpoint-N`), or a bare
+    transformer folder (config.json + weights). UserError naming `flag` otherwise, LoRA adapters included."""
+    path, what = Path(spec), f"{flag} {spec}"
+    if not path.exists():
+        raise UserError(f"{what}: no such folder.")
+    lora = f"{what}: {{}} holds a LoRA adapter, which cannot be evaluated yet."
+    if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
+        ckpt = path.parent  # a bare transformer (or adapter) folder
+        transformer = path
+    else:
+        ckpt = path
+        if (path / "checkpoints").is_dir() and not (path / "transformer").is_dir():
+            ours = list_checkpoints(path / "checkpoints")
+            theirs = [(int(m.group(1)), p) for p in (path / "checkpoints").iterdir()
+                      if (m := REFERENCE_DIR.match(p.name)) and p.is_dir()]
+            if ours or not theirs:
+                ckpt = resolve_checkpoint(spec, flag=flag)
+            else:
+                ckpt = max(theirs)[1]
+        elif not any((path / name).exists() for name in ("transformer", "adapter", "trainer_state.json")):
+            raise UserError(f"{what}: neither a run folder (with checkpoints/), a checkpoint folder (with "
+                            "transformer/) nor a transformer folder (with config.json).")
+        transformer = ckpt / "transformer"
+    if (transformer / "adapter_config.json").is_file() and not (transformer / "config.json").is_file():
+        raise UserError(lora.format(transformer))
+    if not transformer.is_dir():
+        if (ckpt / "adapter").is_dir():
+            raise UserError(lora.format(ckpt))
+        raise UserError(f"{what}: {ckpt} holds no transformer/ folder, so it cannot be evaluated.")
+    return transformer
 
 
 def run_folder_of(checkpoint: Path) -> Path | None:

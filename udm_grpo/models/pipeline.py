@@ -9,11 +9,15 @@ Folder layout (the official one, so a downloaded URSA-1.7B-IBQ512 loads unchange
     tokenizer/         anything transformers.AutoTokenizer loads offline
 
 Remote-code shim files (`__transformer__.py` ...) are ignored: nothing from a checkpoint is executed.
+`from_pretrained` also takes a hub id (`BAAI/URSA-1.7B-IBQ512`): the files above are fetched with
+`huggingface_hub.snapshot_download` (or found in its cache alone when HF_HUB_OFFLINE is set).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +34,13 @@ from .vae import load_vae
 
 COMPONENTS = ("transformer", "vae", "scheduler", "tokenizer")
 DEFAULT_PROMPT_LENGTH = 320
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+# What a hub snapshot needs: only the files the loaders read (no remote-code shims, no other variants).
+_WEIGHTS = ("diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model*.bin", "diffusion_pytorch_model*.json")
+HUB_FILES = ["model_index.json", "transformer/config.json", "vae/config.json", "scheduler/scheduler_config.json",
+             "scheduler/scheduler_model.pth", "tokenizer/*",
+             *(f"{c}/{w}" for c in ("transformer", "vae") for w in _WEIGHTS)]
+HUB_IGNORE = ["*.py", "*.pyc"]
 
 
 @dataclass
@@ -98,13 +109,15 @@ class URSAPipeline:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None, transformer: str | Path | None = None) -> URSAPipeline:
-        """Load a folder in the official layout. `dtype` applies to the transformer (default float32);
+                        dtype: torch.dtype | None = None, transformer: str | Path | None = None,
+                        revision: str | None = None) -> URSAPipeline:
+        """Load a folder in the official layout, or a hub id (`owner/name` that is not a path; `revision`
+        picks a branch, tag or commit). `dtype` applies to the transformer (default float32);
         `transformer` names another transformer folder to use instead of `folder/transformer` (e.g. a
         training checkpoint's), checked against the other components like the folder's own."""
         from transformers import AutoTokenizer
 
-        folder = Path(folder)
+        folder = resolve_model(folder, revision)
         index = cls.check_folder(folder)
         transformer = URSATransformer.from_pretrained(transformer or folder / "transformer", dtype=dtype, device=device)
         vae = load_vae(folder / "vae", device=device)
@@ -193,6 +206,51 @@ class URSAPipeline:
                                guidance_trunc, uncond, generator, record)
         ids, traj = result if record else (result, None)
         return PipelineOutput(self.decode(ids, grid), ids, traj)
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as set now, not only when huggingface_hub was imported."""
+    from huggingface_hub import constants
+
+    now = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return bool(constants.HF_HUB_OFFLINE) or now.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def download_command(repo_id: str, revision: str | None = None) -> str:
+    """The shell command that fetches `repo_id` with the installed huggingface_hub (`hf` since 0.34)."""
+    import huggingface_hub
+
+    version = tuple(int(x) for x in re.findall(r"\d+", huggingface_hub.__version__)[:2])
+    cli = "hf" if version >= (0, 34) else "huggingface-cli"
+    rev = f" --revision {revision}" if revision else ""
+    return f"{cli} download {repo_id}{rev} --local-dir DIR"
+
+
+def resolve_model(spec: str | Path, revision: str | None = None) -> Path:
+    """`spec` as a folder; a hub id (`owner/name`, not an existing path) as its snapshot folder, fetching
+    only `HUB_FILES` (never the remote-code shims), from the local cache alone when offline."""
+    path = Path(spec)
+    if path.exists() or not HUB_ID.match(str(spec)):
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo_id, offline = str(spec), hub_offline()
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES,
+                                      ignore_patterns=HUB_IGNORE, local_files_only=offline))
+    except LocalEntryNotFoundError:
+        if not offline:
+            raise CheckpointError(f"{repo_id}: no such folder, and the Hugging Face hub cannot be reached nor has "
+                                  f"a cached copy; run `{download_command(repo_id, revision)}` where it can and "
+                                  "pass the folder.") from None
+        raise CheckpointError(f"{repo_id}: no such folder, and this hub model is not in the Hugging Face cache "
+                              f"(HF_HUB_OFFLINE is set); download it with `{download_command(repo_id, revision)}` "
+                              "and pass the folder, or unset HF_HUB_OFFLINE.") from None
+    except Exception as e:  # repository or revision not found, gated, incomplete cache, network errors
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        raise CheckpointError(f"{repo_id}: no such folder, and fetching it from the Hugging Face hub failed "
+                              f"({type(e).__name__}: {first}).") from None
 
 
 def _portable_tokenizer_class(config_file: Path) -> None:

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / "python"
-EXTRAS = "dev,ocr,serve"  # test tools, the OCR engine (models in its wheel) and the reward service
+EXTRAS = "dev,ocr,serve,deepspeed"  # test tools, the OCR engine (models in its wheel), the reward service, DeepSpeed
 
 
 def setup() -> None:

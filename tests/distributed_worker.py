@@ -1,6 +1,9 @@
 """Run by tests/test_distributed.py under torchrun: a few UDM-GRPO steps on the tiny random pipeline.
 
-    python -m torch.distributed.run --standalone --nproc_per_node N -m tests.distributed_worker OUT RECIPE
+    python -m torch.distributed.run --standalone --nproc_per_node N -m tests.distributed_worker OUT RECIPE \
+        [ENGINE [CHECKPOINT]]
+
+ENGINE: ddp (default), fsdp, or deepspeed-<ZeRO stage>. CHECKPOINT: resume from it and train one more step.
 
 Randomness is made independent of the process layout (each image's rollout and training states drawn
 with generators seeded by its global index and the step; the Reduced-Step start drawn alike on every
@@ -88,17 +91,24 @@ def nan_on_last_process(tr):
     return loss
 
 
-def main(out: Path, recipe: str) -> None:
+def engine_overrides(engine: str) -> dict:
+    kind, _, stage = engine.partition("-")
+    return {"training.engine": kind, **({"training.zero_stage": int(stage)} if stage else {})}
+
+
+def main(out: Path, recipe: str, engine: str = "ddp", resume: str | None = None) -> None:
     torch.set_num_threads(1)
     trainer_mod.rollout = layout_free_rollout()
     trainer_mod.pick_train_steps, trainer_mod.training_states = layout_free_states()
     cfg = make_config(out, **RECIPES[recipe], **{
         "training.max_steps": 3, "experiment.save_every": 0, "training.lr": 1e-3,
-        "experiment.eval_every": 3, "experiment.num_eval_prompts": 1})
+        "experiment.eval_every": 3, "experiment.num_eval_prompts": 1, **engine_overrides(engine)})
+    if resume:
+        cfg.training.max_steps, cfg.experiment.resume_from_checkpoint = 4, resume
     tr = trainer(cfg, Brightness())
     trainer_mod.grpo_loss = nan_on_last_process(tr)
     tr.train()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    main(Path(sys.argv[1]), *sys.argv[2:])

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 import textwrap
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,75 +21,28 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .config_rules import (  # noqa: F401  (re-exported)
+    BETAS,
+    BOOL,
+    INT_PAIR,
+    MAPPING,
+    MIXED_PRECISION,
+    NONNEG_FLOAT,
+    NONNEG_INT,
+    NUMBERS,
+    POS_FLOAT,
+    POS_INT,
+    REWARD_NAME,
+    STRING,
+    Rule,
+    _is_int,
+    _is_num,
+    choice,
+    float_rule,
+    int_rule,
+    optional,
+)
 from .errors import ConfigError
-
-
-@dataclass(frozen=True)
-class Rule:
-    """A leaf-value check: `phrase` completes "must be ...", `test` accepts, `convert` normalises."""
-
-    phrase: str
-    test: Callable[[Any], bool]
-    convert: Callable[[Any], Any] = lambda v: v
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
-
-
-def int_rule(lo: int | None = None, hi: int | None = None) -> Rule:
-    if hi is not None:
-        phrase = f"an integer in [{lo}, {hi}]"
-    else:
-        phrase = {1: "a positive integer", 0: "a non-negative integer"}.get(lo, f"an integer >= {lo}")
-    return Rule(phrase, lambda v: _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi))
-
-
-def float_rule(phrase: str, ok: Callable[[float], bool] = lambda v: True) -> Rule:
-    return Rule(phrase, lambda v: _is_num(v) and ok(float(v)), float)
-
-
-def optional(rule: Rule) -> Rule:
-    return Rule(
-        f"{rule.phrase} or null", lambda v: v is None or rule.test(v), lambda v: None if v is None else rule.convert(v)
-    )
-
-
-def choice(*values: str) -> Rule:
-    return Rule("one of " + ", ".join(repr(v) for v in values), lambda v: v in values)
-
-
-POS_INT, NONNEG_INT = int_rule(1), int_rule(0)
-# YAML reads a bare `no` as false; accept it as the "no" it was meant to be.
-MIXED_PRECISION = Rule("one of 'no', 'bf16'", lambda v: v is False or v in ("no", "bf16"),
-                       lambda v: "no" if v is False else v)
-POS_FLOAT = float_rule("a positive number", lambda v: v > 0)
-NONNEG_FLOAT = float_rule("a non-negative number", lambda v: v >= 0)
-BOOL = Rule("true or false", lambda v: isinstance(v, bool))
-STRING = Rule("a non-empty string", lambda v: isinstance(v, str) and v != "")
-MAPPING = Rule("a mapping", lambda v: isinstance(v, Mapping), dict)
-INT_PAIR = Rule(
-    "a list of two non-negative integers [lo, hi]",
-    lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(x) and x >= 0 for x in v),
-    list,
-)
-REWARD_NAME = Rule(
-    "a reward name or a list of distinct reward names",
-    lambda v: (isinstance(v, str) and v != "") or (isinstance(v, (list, tuple)) and len(v) > 0 and all(
-        isinstance(x, str) and x for x in v) and len(set(v)) == len(v)),
-    lambda v: v if isinstance(v, str) else list(v),
-)
-NUMBERS = Rule("a list of numbers", lambda v: isinstance(v, (list, tuple)) and all(_is_num(x) for x in v),
-               lambda v: [float(x) for x in v])
-BETAS = Rule(
-    "a list of two numbers in [0, 1)",
-    lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_num(x) and 0 <= x < 1 for x in v),
-    lambda v: [float(x) for x in v],
-)
 
 
 def opt(default, rule: Rule, help_text: str = ""):
@@ -163,6 +115,10 @@ class TrainingConfig:
     mixed_precision: str = opt("bf16", MIXED_PRECISION, "accelerate's mixed precision; 'bf16' also makes "
                                "forwards bfloat16 (as model.dtype does)")
     max_nonfinite: int = opt(3, POS_INT, "stop after this many consecutive non-finite steps")
+    engine: str = opt("auto", choice("auto", "ddp", "deepspeed", "fsdp"), "auto = what `accelerate launch "
+                      "--config_file` selected (DeepSpeed, FSDP), else DDP")
+    zero_stage: int | None = opt(None, optional(int_rule(1, 3)), "DeepSpeed ZeRO stage; null = the accelerate "
+                                 "config's, else 2 (the paper)")
 
 
 @dataclass

@@ -25,7 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue the newest checkpoint of the run folder (latest or RUN), or a checkpoint folder")
     p.add_argument("--force", action="store_true", help="replace a run folder that already holds a run")
     p.add_argument("--check", action="store_true",
-                   help="validate the config, reward, model folder and prompts, print the batch plan and exit")
+                   help="validate the config, reward, model folder and prompts; print the world layout, the batch "
+                   "plan and an estimate of memory per GPU, and exit")
+    p.add_argument("--processes", type=int, default=None, metavar="N",
+                   help="with --check: plan for N processes (default: WORLD_SIZE of the launcher, else 1)")
     p.add_argument("--print-template", action="store_true", help="print a commented config with every key and exit")
 
 
@@ -68,19 +71,55 @@ def resolve_config(args):
     return load_config(layers, overrides, notes=notes), ckpt
 
 
-def check(cfg) -> None:
-    """Everything `train` would load, checked without loading weights: reward, model folder, prompts."""
+def check(cfg, processes: int | None = None) -> None:
+    """Everything `train` would load, checked without loading weights (reward, model folder, prompts); then
+    the world layout, the batch plan and the memory estimate for `processes` (default: the launcher's)."""
+    import os
+
     from ..data.prompts import load_prompts
+    from ..errors import UserError
     from ..grpo.batching import plan_from_config
-    from ..models.pipeline import URSAPipeline
+    from ..grpo.engine import engine_spec, world_layout
+    from ..models.pipeline import URSAPipeline, resolve_model
     from ..rewards import check_prompt_source, check_reward
     from ..tinyworld import SHIPPED_MODEL
 
+    if int(os.environ.get("RANK", 0)) != 0:  # under a launcher: the main process reports for all
+        return
+    if processes is not None and processes < 1:
+        raise UserError(f"--processes must be a positive integer, got {processes}.")
+    world = processes or int(os.environ.get("WORLD_SIZE", 1))
+    spec = engine_spec(cfg.training.engine, cfg.training.zero_stage)
+    plan = plan_from_config(cfg, world)
+    print(world_layout(world, spec, {} if processes else None))
+    print(plan.describe())
     check_reward(cfg.reward.name, cfg.reward.params)
-    URSAPipeline.check_folder(Path(cfg.model.path) if cfg.model.path else SHIPPED_MODEL)
+    folder = resolve_model(cfg.model.path) if cfg.model.path else SHIPPED_MODEL
+    URSAPipeline.check_folder(folder)
+    print(memory_text(cfg, folder, spec, plan))
     for source in (cfg.data.train or "shapes:train", cfg.data.test or "shapes:test"):
         check_prompt_source(cfg.reward.name, load_prompts(source), source)
-    print(plan_from_config(cfg, 1).describe())
+    print("check passed: the reward, the model folder and the prompt files are usable")
+
+
+def memory_text(cfg, folder: Path, spec, plan) -> str:
+    from ..grpo.memory import Shape, describe, estimate
+    from ..models.io import read_config
+    from ..models.pipeline import DEFAULT_PROMPT_LENGTH, URSAPipeline
+    from ..models.transformer import URSAConfig
+
+    data, path = read_config(folder / "transformer", "transformer")
+    shape = Shape.from_config(URSAConfig.from_dict(data, str(path)))
+    vae, _ = read_config(folder / "vae", "vae")
+    stride = vae.get("patch_size") or 2 ** (len(vae.get("block_out_channels", [0] * 5)) - 1)
+    r = cfg.sampling.rollout
+    text = int(URSAPipeline.check_folder(folder).get("_max_prompt_length", DEFAULT_PROMPT_LENGTH))
+    bf16 = cfg.model.dtype == "bfloat16" or cfg.training.mixed_precision == "bf16"
+    gib = estimate(shape, spec.kind, spec.zero_stage, plan.num_processes, bf16, cfg.reward.kl_beta > 0,
+                   cfg.model.gradient_checkpointing, plan.micro_batch_size, r.batch_size or plan.images_per_process,
+                   text, (r.height // stride) * (r.width // stride), r.guidance_scale != 1.0,
+                   cfg.model.lora is not None)
+    return describe(gib, shape)
 
 
 def run(args) -> int:
@@ -89,7 +128,7 @@ def run(args) -> int:
         return 0
     cfg, ckpt = resolve_config(args)
     if args.check:
-        check(cfg)
+        check(cfg, args.processes)
         return 0
     from ..grpo.control import check_run_dir
     from ..grpo.evaluation import verdict

@@ -28,12 +28,14 @@ import torch
 from ..config import Config, save_resolved
 from ..data.prompts import PromptStream, load_prompts
 from ..errors import UserError
+from ..models.io import save_folder
 from ..models.pipeline import URSAPipeline
 from ..rewards import REWARDS, check_prompt_source
 from .advantages import expand_prompts, group_advantages, group_stats
 from .batching import plan_from_config
 from .checkpoint import begin_checkpoint, commit_checkpoint, load_checkpoint, resolve_checkpoint, write_rng
 from .control import StopOnSigint, all_processes, prepare_run_dir
+from .engine import build_engine, engine_spec, plain_accelerator_env, world_layout
 from .evaluation import eval_records, summarise_eval
 from .logger import RunLogger, plot_curves
 from .objective import action_log_probs, grpo_loss, token_entropy
@@ -59,8 +61,14 @@ class UDMGRPOTrainer:
         from accelerate import Accelerator
 
         self.cfg, c = config, config
-        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
-                                              mixed_precision=c.training.mixed_precision)
+        self.spec = engine_spec(c.training.engine, c.training.zero_stage)
+        if c.model.lora is not None and self.spec.kind != "ddp":
+            raise UserError(f"model.lora trains under DDP only; this run's engine is {self.spec.describe()} "
+                            "(set training.engine: ddp or launch without a DeepSpeed/FSDP accelerate config).")
+        with plain_accelerator_env():
+            self.acc = accelerator or Accelerator(
+                cpu=not torch.cuda.is_available(),
+                mixed_precision=c.training.mixed_precision if self.spec.kind == "ddp" else "no")
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.plan = plan_from_config(c, self.world)
         self.progress = progress and self.acc.is_main_process
@@ -79,10 +87,9 @@ class UDMGRPOTrainer:
         self.reward = reward
         self.lora = c.model.lora is not None
         self.model, self.reference = build_policy(self.pipe.transformer, c.model, c.reward.kl_beta, self.compute_dtype)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=c.training.lr, betas=tuple(c.training.betas),
-                                weight_decay=c.training.weight_decay)
-        self.policy, self.optimizer = self.acc.prepare(ImageLogits(self.model), opt)
+        self.engine = build_engine(self.spec, self.acc, ImageLogits(self.model), c.training,
+                                   self.plan.grad_accum_steps, self.plan.micro_batch_size, self.compute_dtype)
+        self.policy, self.optimizer = self.engine.module, self.engine.optimizer
         self.generator = torch.Generator(device=self.acc.device).manual_seed(c.training.seed + 1000 * self.rank)
         train, test = c.data.train or "shapes:train", c.data.test or "shapes:test"
         train_records, test_records = load_prompts(train), load_prompts(test)
@@ -102,11 +109,11 @@ class UDMGRPOTrainer:
     @contextlib.contextmanager
     def _sampling(self):
         """Rollouts and evaluation: no grad, eval mode (no dropout), compute-dtype autocast."""
-        model = self.acc.unwrap_model(self.policy).model
+        model = self.engine.inner.model
         model.eval()
         try:
             with torch.no_grad(), self.autocast():
-                yield model
+                yield self.engine.sampler()
         finally:
             model.train()
 
@@ -184,7 +191,7 @@ class UDMGRPOTrainer:
 
     def _reference_logp(self, m: MicroBatch) -> torch.Tensor | None:
         if self.lora:
-            with self.acc.unwrap_model(self.policy).model.disable_adapter():
+            with self.engine.inner.model.disable_adapter():
                 return action_log_probs(self._policy_logits(m), m.actions)
         if self.reference is None:
             return None
@@ -196,32 +203,28 @@ class UDMGRPOTrainer:
         c = self.cfg
         sums: dict[str, float] = {}
         weight = 1.0 / (len(micro) * c.training.updates_per_rollout)
-        grad_norm = float("nan")
+        grad_norm: float | None = float("nan")
+        lr = c.training.lr * min(1.0, (self.step + 1) / max(1, c.training.lr_warmup_steps))  # resumes exactly
         for update in range(c.training.updates_per_rollout):
-            self.optimizer.zero_grad(set_to_none=True)
+            self.engine.zero_grad()
             for i, m in enumerate(micro):
-                sync = i == len(micro) - 1
-                with self.acc.no_sync(self.policy) if not sync else contextlib.nullcontext():
+                last = i == len(micro) - 1
+                with self.engine.micro_context(last):
                     with self.autocast():
                         logits = self._policy_logits(m)
                         logp = action_log_probs(logits, m.actions)
                     loss, values = grpo_loss(logp, m.advantages, m.old_logp if update else None, m.ref_logp,
                                              c.reward.ratio_clipping, c.reward.kl_beta, c.reward.kl_mode)
                     if not all_processes(self.acc, bool(torch.isfinite(loss))):
-                        self.optimizer.zero_grad(set_to_none=True)
+                        self.engine.abort(loss)
                         return None
-                    self.acc.backward(loss / len(micro))
+                    self.engine.backward(loss, last)
                 values["entropy"] = token_entropy(logits.detach().float()).mean().item()
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v * weight
-            grad_norm = float(self.acc.clip_grad_norm_(self.policy.parameters(), c.training.max_grad_norm or math.inf))
-            if not all_processes(self.acc, math.isfinite(grad_norm)):
-                self.optimizer.zero_grad(set_to_none=True)
+            grad_norm = self.engine.step(lr)
+            if grad_norm is None:
                 return None
-            lr = c.training.lr * min(1.0, (self.step + 1) / max(1, c.training.lr_warmup_steps))
-            for group in self.optimizer.param_groups:  # a function of the step: resumes exactly
-                group["lr"] = lr
-            self.optimizer.step()
         if self.world > 1:  # per-process means -> means over all processes (equal shares)
             reduced = self.acc.reduce(torch.tensor(list(sums.values()), device=self.acc.device), "mean")
             sums = dict(zip(sums, reduced.tolist(), strict=True))
@@ -239,19 +242,23 @@ class UDMGRPOTrainer:
     # ---- evaluation and samples -------------------------------------------------------------
     def evaluate(self) -> dict:
         """Held-out prompts (never optimised), fixed seed; see `evaluation.summarise_eval` for the keys.
-        Processes sample contiguous shares of the records; trailing processes may get none."""
+        Processes sample contiguous shares of the records; trailing processes may get none (under sharded
+        parameters, whose forwards are collective, they sample repeats of the first record, then drop them)."""
         e, records = self.cfg.experiment, self.eval_records
         per = math.ceil(len(records) / self.world)
         local = records[self.rank * per: (self.rank + 1) * per]
+        real = len(local)
+        if self.engine.sharded:
+            local = local + [records[0]] * (per - real)
         gen = torch.Generator(device=self.acc.device).manual_seed(12345 + self.rank)
         r = self.cfg.sampling.rollout
         with self._sampling() as model:
             ro = rollout(self.pipe, model, [x["prompt"] for x in local], local, e.eval_num_inference_steps,
                          e.eval_guidance_scale, r.guidance_trunc, r.height, r.width, gen, r.batch_size)
-        out = self.reward(ro.images, ro.prompts, ro.metadata)
+        out = self.reward(ro.images[:real], ro.prompts[:real], ro.metadata[:real])
         scores = self._gather_all(out.scores, len(records))
         values = {name: self._gather_all(v, len(records)) for name, v in out.values.items()}
-        self._last_eval_images = ro.images if self.rank == 0 else None
+        self._last_eval_images = ro.images[:real] if self.rank == 0 else None
         return summarise_eval(records, scores, values)
 
     def _gather_all(self, values, n: int) -> torch.Tensor:
@@ -280,13 +287,18 @@ class UDMGRPOTrainer:
             begin_checkpoint(checkpoints, self.step)
         self.acc.wait_for_everyone()
         write_rng(tmp, self.rank, {"generator": self.generator.get_state(), "torch": torch.get_rng_state()})
+        model = self.engine.inner.model
+        if self.lora:
+            weights, opt_state = None, self.optimizer.state_dict()
+        else:
+            weights, opt_state = self.engine.full_state()  # every process takes part (gathers)
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
-            model = self.acc.unwrap_model(self.policy).model
             state = {"step": self.step, "data": self.data.state(), "skipped": self.skipped,
-                     "nonfinite": self.nonfinite, "world_size": self.world}
-            commit_checkpoint(tmp, lambda d: model.save_pretrained(d / ("adapter" if self.lora else "transformer")),
-                              self.optimizer.state_dict(), state, self.cfg.experiment.keep_checkpoints)
+                     "nonfinite": self.nonfinite, "world_size": self.world, "engine": self.spec.describe()}
+            write = (lambda d: model.save_pretrained(d / "adapter")) if self.lora else (
+                lambda d: save_folder(d / "transformer", model.config.to_dict(), state=weights))
+            commit_checkpoint(tmp, write, opt_state, state, self.cfg.experiment.keep_checkpoints)
         self.acc.wait_for_everyone()
         return tmp.with_name(tmp.name[:-4])
 
@@ -297,18 +309,18 @@ class UDMGRPOTrainer:
         opt_state, state, rng = load_checkpoint(folder, self.rank)
         if state.get("world_size", 1) != self.world:
             raise UserError(f"{folder} was written by {state['world_size']} processes; resume with the same number.")
-        model = self.acc.unwrap_model(self.policy).model
         if self.lora:
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
 
-            set_peft_model_state_dict(model, load_file(str(folder / "adapter" / "adapter_model.safetensors")))
+            set_peft_model_state_dict(self.engine.inner.model,
+                                      load_file(str(folder / "adapter" / "adapter_model.safetensors")))
+            self.optimizer.load_state_dict(opt_state)
         else:
             from ..models.transformer import URSATransformer
 
             loaded = URSATransformer.from_pretrained(folder / "transformer", dtype=torch.float32)
-            model.load_state_dict(loaded.state_dict())
-        self.optimizer.load_state_dict(opt_state)
+            self.engine.load_full_state(loaded.state_dict(), opt_state)
         self.data.load_state(state["data"])
         self.step, self.skipped, self.nonfinite = state["step"], state["skipped"], state["nonfinite"]
         self.generator.set_state(rng["generator"])
@@ -341,7 +353,7 @@ class UDMGRPOTrainer:
             self.logger = RunLogger(self.run_dir, wandb_config=None if not e.wandb else vars(c))
             if folder is not None:
                 self.logger.truncate_after(self.step)
-            print(f"{self.world} process(es) on {self.acc.device}; {self.plan.describe()}")
+            print(f"{world_layout(self.world, self.spec)}; main process on {self.acc.device}\n{self.plan.describe()}")
         first_eval = last_eval = self._eval_and_log() if self.step == 0 and e.eval_every else {}
         bar = tqdm(total=max_steps, initial=self.step, desc="udm-grpo", disable=not self.progress)
         metrics: dict = {}
@@ -363,9 +375,9 @@ class UDMGRPOTrainer:
                 if interrupted:
                     break
         bar.close()
+        if e.eval_every and self.step % e.eval_every != 0 and not interrupted:  # every process: it gathers
+            last_eval = self._eval_and_log()
         if self.logger:
-            if e.eval_every and self.step % e.eval_every != 0 and not interrupted:
-                last_eval = self._eval_and_log()
             plot_curves(self.run_dir)
             self.logger.close()
         return {"metrics": metrics, "eval": last_eval, "first_eval": first_eval, "step": self.step,

@@ -14,6 +14,7 @@ next to the cast one. Every unreadable or corrupt weight file raises CheckpointE
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,17 @@ def read_config(folder: Path, kind: str = "model") -> tuple[dict[str, Any], Path
 
 
 def _unreadable(path: Path, e: Exception) -> CheckpointError:
-    return CheckpointError(f"{path}: cannot be read as a weight file ({type(e).__name__}: {e}).")
+    """One sentence naming the file. torch's weights-only refusal (a pickle of anything but tensors and plain
+    containers, or not a pickle at all) is reduced to its reason: its own text suggests weights_only=False,
+    which this package never uses."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if isinstance(e, pickle.UnpicklingError) and lines and lines[0].startswith("Weights only load failed"):
+        skip = ("Weights only load failed", "Please file an issue", "Check the documentation")
+        reason = next((ln for ln in lines if not ln.startswith(skip)), "not a tensor state dict").rstrip(".")
+        return CheckpointError(f"{path}: cannot be read as a weight file (refused by torch.load(weights_only=True), "
+                               f"which loads only tensors and plain containers: {reason}).")
+    return CheckpointError(f"{path}: cannot be read as a weight file ({type(e).__name__}: "
+                           f"{lines[0] if lines else ''}).")
 
 
 def _get_tensor(handle: Any, key: str, path: Path) -> torch.Tensor:
@@ -142,14 +153,17 @@ def load_weights(
     return model
 
 
-def save_folder(folder: str | Path, config: dict[str, Any], model: nn.Module) -> None:
-    """Write config.json (sorted keys) and diffusion_pytorch_model.safetensors (CPU, contiguous)."""
+def save_folder(folder: str | Path, config: dict[str, Any], model: nn.Module | None = None,
+                state: dict[str, torch.Tensor] | None = None) -> None:
+    """Write config.json (sorted keys) and diffusion_pytorch_model.safetensors (CPU, contiguous) of `model`,
+    or of a `state` dict gathered elsewhere (e.g. from sharded parameters)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = state if state is not None else model.state_dict()
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
 
 

@@ -1,0 +1,126 @@
+"""The paper's recipes (configs/*_ursa_1.7b.yaml), the accelerate configs, `train --check` (layout, plan,
+memory estimate) and the memory model."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from udm_grpo.cli import main
+from udm_grpo.config import load_config
+from udm_grpo.grpo.batching import plan_from_config
+from udm_grpo.grpo.engine import engine_spec, world_layout
+from udm_grpo.grpo.memory import Shape, estimate
+from udm_grpo.models.transformer import URSAConfig
+
+from .test_pipeline import tiny_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = {"geneval": 8, "pickscore": 16, "ocr": 16}  # task -> group size G of the paper
+DEFAULT = ROOT / "udm_grpo" / "configs" / "tiny_world_grpo.yaml"
+
+
+@pytest.mark.parametrize("task", RECIPES)
+def test_recipes_hold_the_papers_settings_and_split_over_8_and_32_gpus(task):
+    cfg = load_config([DEFAULT, ROOT / "configs" / f"{task}_ursa_1.7b.yaml"])  # layered as `train --config`
+    s, t = cfg.sampling, cfg.training
+    assert (s.num_prompts_per_step, s.num_images_per_prompt) == (16, RECIPES[task])
+    r = s.rollout
+    assert (r.num_inference_steps, r.guidance_scale, s.train_steps, s.train_start) == (10, 1.0, 3, [0, 3])
+    assert s.forward_process and s.clean_response and (s.rollout.height, s.rollout.width) == (512, 512)
+    assert (t.lr, t.betas, t.weight_decay, cfg.reward.kl_beta, t.lr_warmup_steps) == (1e-6, [0.9, 0.95], 0.01, 0.05, 0)
+    assert (cfg.model.dtype, t.mixed_precision, cfg.model.gradient_checkpointing) == ("bfloat16", "bf16", 1)
+    assert cfg.reward.name == task and cfg.model.path == "BAAI/URSA-1.7B-IBQ512"
+    for gpus in (8, 32):
+        plan = plan_from_config(cfg, gpus)
+        assert plan.images_per_process * gpus == 16 * RECIPES[task]
+        assert plan.pairs_per_update == 16 * RECIPES[task] * 3
+    assert plan_from_config(cfg, 32).grad_accum_steps == 3  # the reference's 32-GPU layout
+    text = (ROOT / "configs" / f"{task}_ursa_1.7b.yaml").read_text()
+    assert f"{16 * RECIPES[task]} / 8" in text and f"{16 * RECIPES[task]} / 32" in text  # the arithmetic is shown
+
+
+@pytest.mark.parametrize("name, kind, stage", [("ddp", "ddp", 2), ("deepspeed_zero2", "deepspeed", 2),
+                                               ("deepspeed_zero3", "deepspeed", 3), ("fsdp", "fsdp", 2)])
+def test_accelerate_configs_select_their_engine(name, kind, stage):
+    data = yaml.safe_load((ROOT / "configs" / "accelerate" / f"{name}.yaml").read_text())
+    env = {}  # what `accelerate launch` exports for these distributed types
+    if data["distributed_type"] == "DEEPSPEED":
+        env = {"ACCELERATE_USE_DEEPSPEED": "true",
+               "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(data["deepspeed_config"]["zero_stage"])}
+        assert data["deepspeed_config"]["deepspeed_multinode_launcher"] == "standard"
+    elif data["distributed_type"] == "FSDP":
+        env = {"ACCELERATE_USE_FSDP": "true"}
+    assert engine_spec("auto", None, env) == engine_spec(kind, stage if kind == "deepspeed" else None, {})
+    assert "main_process_ip" not in data and "main_process_port" not in data  # from the command line
+
+
+def test_accelerate_launch_exports_the_engine_to_train():
+    """The real launcher with the ZeRO-3 config: both processes see DeepSpeed ZeRO-3; only rank 0 reports."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / "deepspeed_zero3.yaml"), "--num_processes", "2",
+           "-m", "udm_grpo", "train", "--check", "training.micro_batch_size=16"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("2 process(es) on 1 machine(s) x 2; engine DeepSpeed ZeRO-3") == 1, done.stdout
+    assert "32 per process" in done.stdout and "check passed" in done.stdout
+
+
+def test_train_check_plans_for_a_process_count_and_estimates_memory(tmp_path, capsys):
+    tiny_pipeline().save_pretrained(tmp_path / "model")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a photo of a red circle\na blue square\n")
+    args = ["train", "--check", "--processes", "4", f"model.path={tmp_path / 'model'}", "reward.name=clipscore",
+            f"data.train={prompts}", f"data.test={prompts}", "sampling.rollout.height=16",
+            "sampling.rollout.width=16", "training.micro_batch_size=4", "training.engine=fsdp"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "4 processes; engine FSDP2" in out and "16 per process" in out
+    assert "memory per GPU" in out and "AdamW moments" in out and "check passed" in out
+    assert main(args[:3] + ["0"] + args[4:]) == 2
+    assert "--processes" in capsys.readouterr().err
+
+
+def test_world_layout_reads_the_launcher_environment():
+    spec = engine_spec("deepspeed", 2, {})
+    env = {"LOCAL_WORLD_SIZE": "8", "GROUP_RANK": "3"}
+    expected = "32 process(es) on 4 machine(s) x 8, this is machine 3; engine DeepSpeed ZeRO-2"
+    assert world_layout(32, spec, env) == expected
+    assert world_layout(1, spec, {}) == "1 process(es) on 1 machine(s) x 1; engine DeepSpeed ZeRO-2"
+    with pytest.raises(Exception, match="training.engine"):
+        engine_spec("megatron", None, {})
+
+
+def test_memory_model_counts_parameters_and_shards_as_documented():
+    cfg = URSAConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                     num_hidden_layers=3, head_dim=16, vocab_size=1000 + 512, lm_vocab_size=1000, lm_head_size=512,
+                     bov_token_id=999)
+    s = Shape.from_config(cfg)
+    d, i, hd = 64, 96, 16
+    per_layer = d * 4 * hd + 2 * d * 2 * hd + 4 * hd * d + 3 * d * i + 2 * d + 2 * hd  # q, kv, o, MLP, norms
+    assert s.params == 1512 * d + 3 * per_layer + d + 512 * d  # embeddings, blocks, final norm, image head
+    kw = dict(bf16=True, reference=True, level=1, micro_batch=4, rollout_batch=16, text_tokens=320,
+              image_tokens=1024, guidance=False)
+    ddp8, ddp32 = (estimate(s, "ddp", 2, w, **kw) for w in (8, 32))
+    z3_8, z3_32 = (estimate(s, "deepspeed", 3, w, **kw) for w in (8, 32))
+    assert ddp8["AdamW moments"] == ddp32["AdamW moments"] == pytest.approx(8 * s.params / 1024**3)
+    assert z3_8["AdamW moments"] == pytest.approx(4 * z3_32["AdamW moments"])
+    assert z3_8["total"] < estimate(s, "deepspeed", 2, 8, **kw)["total"] < ddp8["total"]
+    key = "training activations (one micro-batch)"
+    levels = [estimate(s, "ddp", 2, 8, **{**kw, "level": k})[key] for k in range(4)]
+    assert levels == sorted(levels, reverse=True) and levels[0] > levels[3]
+
+
+def test_checkpoint_records_the_engine(tmp_path):
+    """The trainer's state file names the engine that wrote it (checkpoints are engine-independent)."""
+    from .test_trainer import make_config, trainer
+
+    tr = trainer(make_config(tmp_path, **{"training.max_steps": 1, "experiment.save_every": 1}))
+    tr.train()
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-000001" / "trainer_state.json").read_text())
+    assert state["engine"] == "DDP" and state["world_size"] == 1

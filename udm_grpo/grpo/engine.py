@@ -1,0 +1,350 @@
+"""The training engine under the trainer: DDP (accelerate), DeepSpeed ZeRO 1-3 or FSDP2, behind one API.
+
+The trainer never touches an engine directly. It asks for:
+
+    module                    the wrapped policy (an `ImageLogits`); call it for training and, under
+                              sharded parameters, for rollouts too (each forward gathers what it needs)
+    sampler()                 what the sampler calls `image_logits` on: the bare model when every
+                              process holds full parameters (DDP, ZeRO-1/2), the wrapped forward otherwise
+    backward(loss, last)      one micro-batch; gradients are synchronised at `last` only.
+                              The loss is pre-divided by the accumulation count (DeepSpeed divides itself)
+    step(lr) -> grad norm     clip, then step; None when the gradient norm is non-finite on any process
+                              (the update is skipped everywhere)
+    abort(loss)               drop the update in progress on every process (a non-finite loss somewhere)
+    full_state()              (float32 weights by parameter name, optimizer state in torch's AdamW layout
+                              indexed like `module.parameters()`): the same checkpoint under every engine,
+                              so a run saved under one engine resumes under another with the same process
+                              count
+    load_full_state(w, opt)   the inverse, on every process
+
+The engine is chosen by `training.engine` (`auto` = what `accelerate launch --config_file` selected through
+its environment: ACCELERATE_USE_DEEPSPEED / ACCELERATE_DEEPSPEED_ZERO_STAGE or ACCELERATE_USE_FSDP, else
+DDP). DeepSpeed and FSDP are set up here, not by accelerate, because accelerate drives them only on GPUs;
+this way the same code runs on CPUs (gloo) for the tests.
+
+DeepSpeed note: DeepSpeed clips and steps inside `engine.step()` and skips the update itself when the
+global gradient norm is non-finite (its overflow check, on for bf16 here); an update abandoned for a
+non-finite loss is closed through that same path, because DeepSpeed keeps reduced gradients outside
+`param.grad` where `zero_grad` does not reach.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+
+ENGINES = ("auto", "ddp", "deepspeed", "fsdp")
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    kind: str = "ddp"  # ddp | deepspeed | fsdp
+    zero_stage: int = 2
+
+    def describe(self) -> str:
+        names = {"ddp": "DDP", "fsdp": "FSDP2 (fully_shard per block)"}
+        return names.get(self.kind, f"DeepSpeed ZeRO-{self.zero_stage}")
+
+
+def engine_spec(engine: str = "auto", zero_stage: int | None = None, env=None) -> EngineSpec:
+    """The engine from `training.engine` / `training.zero_stage`, or from accelerate's launch environment."""
+    env = os.environ if env is None else env
+    if engine == "auto":
+        if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+            engine = "deepspeed"
+        elif env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+            engine = "fsdp"
+        else:
+            engine = "ddp"
+    if engine not in ENGINES[1:]:
+        raise ConfigError(f"training.engine must be one of {', '.join(ENGINES)}, got {engine!r}.")
+    stage = zero_stage if zero_stage is not None else int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))
+    if stage not in (1, 2, 3):
+        raise ConfigError(f"the DeepSpeed ZeRO stage must be 1, 2 or 3, got {stage}.")
+    return EngineSpec(engine, stage)
+
+
+def world_layout(world: int, spec: EngineSpec, env=None) -> str:
+    """'W processes on M machine(s) x L, engine E' from the launcher's environment (torchrun / accelerate)."""
+    env = os.environ if env is None else env
+    if "LOCAL_WORLD_SIZE" not in env and world > 1:
+        return f"{world} processes; engine {spec.describe()}"
+    local = int(env.get("LOCAL_WORLD_SIZE", world) or world)
+    machines = max(1, world // max(1, local))
+    node = env.get("GROUP_RANK", env.get("NODE_RANK", env.get("MACHINE_RANK", "0")))
+    where = f", this is machine {node}" if machines > 1 else ""
+    return f"{world} process(es) on {machines} machine(s) x {min(local, world)}{where}; engine {spec.describe()}"
+
+
+@contextlib.contextmanager
+def plain_accelerator_env():
+    """accelerate would switch to its own DeepSpeed/FSDP mode on GPUs; the engine here does that part."""
+    saved = {k: os.environ.pop(k) for k in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP") if k in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+class _Caller:
+    """Gives a module's forward the `image_logits` method the sampler calls."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def image_logits(self, text_ids, image_ids, grid):
+        return self.module(text_ids, image_ids, grid)
+
+
+def _adamw(params, lr: float, betas, weight_decay: float) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+
+
+class Engine:
+    """DDP through accelerate (single process included). Subclasses: DeepSpeedEngine, FSDPEngine."""
+
+    sharded = False
+
+    def __init__(self, spec: EngineSpec, acc, policy: torch.nn.Module, training, accum: int, micro_batch: int,
+                 compute_dtype: torch.dtype):
+        self.spec, self.acc, self.accum, self.training = spec, acc, accum, training
+        self.inner = policy  # ImageLogits(model); its parameters are the float32 masters
+        self.names = [n for n, p in policy.named_parameters() if p.requires_grad]
+        self.setup(policy, micro_batch, compute_dtype)
+
+    def setup(self, policy, micro_batch: int, compute_dtype: torch.dtype) -> None:
+        t = self.training
+        opt = _adamw([p for p in policy.parameters() if p.requires_grad], t.lr, t.betas, t.weight_decay)
+        self.module, self.optimizer = self.acc.prepare(policy, opt)
+
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.inner.parameters() if p.requires_grad]
+
+    def sampler(self):
+        return self.inner.model if not self.sharded else _Caller(self.module)
+
+    def micro_context(self, last: bool):
+        return self.acc.no_sync(self.module) if not last else contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.acc.backward(loss / self.accum)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def abort(self, loss: torch.Tensor) -> None:
+        """Drop the update in progress (a process had a non-finite loss); called on every process."""
+        self.zero_grad()
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def grad_norm(self) -> float:
+        return float(self.acc.clip_grad_norm_(self.module.parameters(), self.training.max_grad_norm or math.inf))
+
+    def step(self, lr: float) -> float | None:
+        from .control import all_processes
+
+        norm = self.grad_norm()
+        if not all_processes(self.acc, math.isfinite(norm)):
+            self.zero_grad()
+            return None
+        self._set_lr(lr)
+        self.optimizer.step()
+        self.zero_grad()
+        return norm
+
+    # ---- checkpoints: one layout for every engine ----------------------------------------------
+    def full_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        weights = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
+                   for k, v in self.inner.model.state_dict().items()}
+        return weights, self.optimizer.state_dict()
+
+    def load_full_state(self, weights: dict[str, torch.Tensor], optimizer: dict) -> None:
+        self.inner.model.load_state_dict(weights)
+        self.optimizer.load_state_dict(optimizer)
+
+
+def _adam_state(step: torch.Tensor | float, moments: list[tuple[torch.Tensor, torch.Tensor]], group: dict) -> dict:
+    """torch's AdamW state_dict layout for parameters 0..n-1."""
+    state = {i: {"step": torch.as_tensor(float(step)), "exp_avg": m, "exp_avg_sq": v} for i, (m, v) in
+             enumerate(moments)}
+    return {"state": state, "param_groups": [{**group, "params": list(range(len(moments)))}]}
+
+
+def _group_settings(optimizer) -> dict:
+    return {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+
+
+class DeepSpeedEngine(Engine):
+    """DeepSpeed ZeRO-1/2/3 on the process group accelerate started; bf16 compute keeps fp32 masters in
+    the ZeRO optimizer. Gradient accumulation boundaries are set explicitly per micro-batch."""
+
+    def setup(self, policy, micro_batch: int, compute_dtype: torch.dtype) -> None:
+        import deepspeed
+
+        t, stage = self.training, self.spec.zero_stage
+        config = {
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "gradient_accumulation_steps": self.accum,
+            "train_batch_size": micro_batch * self.accum * self.acc.num_processes,
+            "zero_optimization": {"stage": stage},
+            "gradient_clipping": t.max_grad_norm or 0.0,
+            "bf16": {"enabled": compute_dtype == torch.bfloat16, "check_grad_overflow": True},
+            "data_types": {"grad_accum_dtype": "fp32"},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**31,
+        }
+        opt = _adamw([p for p in policy.parameters() if p.requires_grad], t.lr, t.betas, t.weight_decay)
+        self.module, self.optimizer, _, _ = deepspeed.initialize(model=policy, optimizer=opt, config=config)
+        self.sharded = stage == 3
+
+    def micro_context(self, last: bool):
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.module.set_gradient_accumulation_boundary(last)
+        self.module.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
+
+    def zero_grad(self) -> None:
+        self.module.zero_grad()
+
+    def abort(self, loss: torch.Tensor) -> None:
+        # DeepSpeed keeps reduced gradients of earlier micro-batches outside param.grad; its own overflow
+        # path clears them: close the accumulation with non-finite gradients, and its step skips.
+        self.backward(loss * float("nan"), last=True)
+        self.module.step()
+
+    def step(self, lr: float) -> float | None:
+        self._set_lr(lr)
+        self.module.step()  # skips the update itself when the global gradient norm is non-finite
+        norm = self.module.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        return norm if math.isfinite(norm) else None
+
+    def full_state(self):
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        named = list(self.inner.named_parameters())
+        weights = {n.removeprefix("model."): safe_get_full_fp32_param(p).float().cpu() for n, p in named}
+        moments = [(safe_get_full_optimizer_state(p, "exp_avg").float().cpu(),
+                    safe_get_full_optimizer_state(p, "exp_avg_sq").float().cpu()) for _, p in named]
+        base = self.optimizer.optimizer
+        step = next(iter(base.state.values()), {}).get("step", 0)
+        return weights, _adam_state(step, moments, _group_settings(base))
+
+    def load_full_state(self, weights, optimizer) -> None:
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        base = self.optimizer.optimizer  # torch AdamW over this process's flat float32 partitions
+        flats = [f for g in base.param_groups for f in g["params"]]
+        for flat in flats + list(getattr(self.optimizer, "fp32_partitioned_groups_flat", [])):
+            if "exp_avg" not in base.state[flat]:  # created lazily at the first step: create it now
+                base.state[flat].update({"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
+                                         "exp_avg_sq": torch.zeros_like(flat)})
+        link = getattr(self.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if link is not None:  # ZeRO-1/2 link the moments to parameters at the first step; do it now
+            link()
+        for i, (name, p) in enumerate(self.inner.named_parameters()):
+            value = weights[name.removeprefix("model.")]
+            safe_set_full_fp32_param(p, value.to(p.device))
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=self.sharded):
+                if not self.sharded or self.acc.process_index == 0:
+                    p.data.copy_(value.to(p.device, p.dtype))  # the compute copy the forwards read
+            entry = optimizer["state"].get(i) or optimizer["state"].get(str(i))
+            if entry:
+                safe_set_full_optimizer_state(p, entry["exp_avg"].to(p.device), "exp_avg")
+                safe_set_full_optimizer_state(p, entry["exp_avg_sq"].to(p.device), "exp_avg_sq")
+                step = entry["step"]
+        for state in self.optimizer.optimizer.state.values():
+            if "step" in state:
+                state["step"] = torch.as_tensor(float(step), dtype=state["step"].dtype) if torch.is_tensor(
+                    state["step"]) else float(step)
+
+
+class FSDPEngine(Engine):
+    """FSDP2 (`torch.distributed.fsdp.fully_shard`): each transformer block, then the whole policy.
+    Parameters, gradients and optimizer state are sharded; forwards gather one block at a time."""
+
+    sharded = True
+
+    def setup(self, policy, micro_batch: int, compute_dtype: torch.dtype) -> None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        for block in policy.model.model.layers:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(policy, mp_policy=mp)
+        t = self.training
+        self.module = policy
+        self.optimizer = _adamw([p for p in policy.parameters() if p.requires_grad], t.lr, t.betas,
+                                t.weight_decay)
+
+    def micro_context(self, last: bool):
+        # Gradients are reduce-scattered after every micro-batch: they stay sharded (less memory than
+        # accumulating unsharded ones) and `zero_grad` clears them when an update is skipped midway.
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        (loss / self.accum).backward()
+
+    def grad_norm(self) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.params(), self.training.max_grad_norm or math.inf)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def _reshard(self) -> None:
+        """Back to sharded parameters (a forward without backward leaves the root's gathered)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in self.module.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+
+    def full_state(self):
+        self._reshard()
+        named = list(self.inner.named_parameters())
+        weights = {n.removeprefix("model."): p.full_tensor().float().cpu() for n, p in named}
+        moments, step = [], 0
+        for _, p in named:
+            s = self.optimizer.state.get(p, {})
+            if not s:
+                return weights, self.optimizer.state_dict()  # before the first step: no moments yet
+            moments.append((s["exp_avg"].full_tensor().float().cpu(), s["exp_avg_sq"].full_tensor().float().cpu()))
+            step = s["step"]
+        return weights, _adam_state(step, moments, _group_settings(self.optimizer))
+
+    def load_full_state(self, weights, optimizer) -> None:
+        from torch.distributed.tensor import distribute_tensor
+
+        def shard(value, like):
+            return distribute_tensor(value.to(like.device, like.dtype), like.device_mesh, like.placements)
+
+        self._reshard()
+        for i, (name, p) in enumerate(self.inner.named_parameters()):
+            p.data.copy_(shard(weights[name.removeprefix("model.")], p))
+            entry = optimizer["state"].get(i) or optimizer["state"].get(str(i))
+            if entry:
+                self.optimizer.state[p] = {"step": torch.as_tensor(float(entry["step"])),
+                                           "exp_avg": shard(entry["exp_avg"], p),
+                                           "exp_avg_sq": shard(entry["exp_avg_sq"], p)}
+
+
+def build_engine(spec: EngineSpec, acc, policy, training, accum: int, micro_batch: int,
+                 compute_dtype: torch.dtype) -> Engine:
+    """The engine for `spec`, wrapping `policy` (an ImageLogits) and creating its AdamW optimiser."""
+    cls = {"ddp": Engine, "deepspeed": DeepSpeedEngine, "fsdp": FSDPEngine}[spec.kind]
+    if spec.kind == "deepspeed":
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise ConfigError("training.engine deepspeed: DeepSpeed is not installed; pip install "
+                              "'udm-grpo[deepspeed]'.") from None
+    return cls(spec, acc, policy, training, accum, micro_batch, compute_dtype)

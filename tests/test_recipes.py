@@ -124,3 +124,51 @@ def test_checkpoint_records_the_engine(tmp_path):
     tr.train()
     state = json.loads((tmp_path / "run" / "checkpoints" / "step-000001" / "trainer_state.json").read_text())
     assert state["engine"] == "DDP" and state["world_size"] == 1
+
+
+def test_slurm_script_derives_the_layout_from_the_allocation(tmp_path):
+    """docs/slurm/udm_grpo.sbatch with srun / scontrol / accelerate replaced by shims that print."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shims = {"srun": 'while [[ "$1" == --* ]]; do shift; done; exec "$@"',
+             "scontrol": "printf 'gpu-node-07\\ngpu-node-08\\n'",
+             "accelerate": 'echo "accelerate $*"'}
+    for name, body in shims.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", UDM_GRPO=str(bin_dir), SLURM_JOB_ID="123456",
+               SLURM_NNODES="4", SLURM_NODEID="2", SLURM_JOB_NODELIST="gpu-node-[07-10]", RUN=str(tmp_path / "run"))
+    script = ROOT / "docs" / "slurm" / "udm_grpo.sbatch"
+
+    def launch_line():
+        done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return next(ln for ln in done.stdout.splitlines() if ln.startswith("accelerate "))
+
+    line = launch_line()
+    port = 20000 + 123456 % 20000
+    assert (f"--num_machines 4 --num_processes 32 --machine_rank 2 --main_process_ip gpu-node-07 "
+            f"--main_process_port {port}") in line and 1024 < port < 65536
+    assert "configs/geneval_ursa_1.7b.yaml" in line and "deepspeed_zero2.yaml" in line and "--resume" not in line
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step-000100")
+    assert launch_line().endswith("--resume latest")
+
+
+def test_checkpoint_alone_evaluates_on_the_runs_model(tmp_path):
+    """`--checkpoint RUN` without `--model` uses the run's model.path (here a tiny pipeline that the shipped
+    tiny-world model could not host: its transformer would fail the pipeline's invariants)."""
+    from udm_grpo.commands.common import load_pipeline, run_model
+
+    pipe = tiny_pipeline()
+    pipe.save_pretrained(tmp_path / "model")
+    run = tmp_path / "run"
+    pipe.transformer.save_pretrained(run / "checkpoints" / "step-000001" / "transformer")
+    (run / "checkpoints" / "step-000001" / "trainer_state.json").write_text('{"step": 1}')
+    (run / "checkpoints" / "latest").write_text("step-000001")
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"path": str(tmp_path / "model")}}))
+    assert run_model(str(run)) == run_model(str(run / "checkpoints" / "step-000001")) == str(tmp_path / "model")
+    loaded = load_pipeline(None, "cpu", str(run))
+    assert loaded.transformer.config.lm_head_size == pipe.transformer.config.lm_head_size
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"path": None}}))
+    assert run_model(str(run)) is None

@@ -11,7 +11,7 @@ from ..errors import UserError
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="pipeline folder in the URSA layout or a hub id such as BAAI/URSA-1.7B-IBQ512 "
-                        "(default: the shipped tiny-world model)")
+                        "(default: the model the --checkpoint's run trained, else the shipped tiny-world model)")
     parser.add_argument("--checkpoint", default=None,
                         help="a training checkpoint whose transformer replaces the model's: RUN/checkpoints/step-N "
                         "(or RUN for its latest), a reference checkpoint-N folder (or its output folder for the "
@@ -47,6 +47,8 @@ def load_pipeline(model: str | None, device: str = "cpu", checkpoint: str | None
 
     check_device(device)
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if model is None and checkpoint:
+        model = run_model(checkpoint)
     folder = Path(model) if model else SHIPPED_MODEL
     if model is None and not (folder / "model_index.json").is_file():
         raise UserError(f"the shipped tiny-world model is missing at {folder}; rebuild it with "
@@ -57,6 +59,23 @@ def load_pipeline(model: str | None, device: str = "cpu", checkpoint: str | None
 
         transformer = resolve_transformer(checkpoint, flag="--checkpoint")
     return URSAPipeline.from_pretrained(model or folder, device=device, transformer=transformer)
+
+
+def run_model(checkpoint: str) -> str | None:
+    """`model.path` of the udm-grpo run that `checkpoint` belongs to (from its config.yaml), so that
+    `--checkpoint RUN` alone evaluates on the model the run trained; None for the tiny world or other layouts."""
+    import yaml
+
+    path = Path(checkpoint).resolve()
+    for folder in (path, *path.parents[:3]):
+        if (folder / "config.yaml").is_file() and (folder / "checkpoints").is_dir():
+            try:
+                data = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+                model = (data.get("model") or {}).get("path")
+            except (yaml.YAMLError, AttributeError):
+                return None
+            return model if isinstance(model, str) and model else None
+    return None
 
 
 def sampling_arguments(parser: argparse.ArgumentParser) -> None:

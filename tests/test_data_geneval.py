@@ -109,18 +109,31 @@ def test_generated_records_are_distinct_exclude_and_follow_the_mix():
     assert all(abs(counts[t] - 500 * TAG_MIX[t] / 553) < 1 for t in TAGS)
     assert all(phrase(r) == r["prompt"] for r in recs)
     singles = [phrase(decode("single_object", i)) for i in range(80)]
-    recs, capacity = generate(300, seed=1, mix={"single_object": 1, "colors": 1}, exclude=singles[:75])
+    mix = {"single_object": 1, "colors": 1}
+    recs, capacity = generate(300, seed=1, mix=mix, exclude=singles[:75], distinct=True)
     assert capacity["single_object"] == 5 and Counter(r["tag"] for r in recs) == {"single_object": 5, "colors": 295}
+    assert not {r["prompt"] for r in recs} & set(singles[:75]) and len({r["prompt"] for r in recs}) == 300
+    # By default the mix holds: the 5 remaining single objects repeat, 30 times each.
+    recs, _ = generate(300, seed=1, mix=mix, exclude=singles[:75])
+    assert Counter(r["tag"] for r in recs) == {"single_object": 150, "colors": 150}
+    assert set(Counter(r["prompt"] for r in recs if r["tag"] == "single_object").values()) == {30}
     assert not {r["prompt"] for r in recs} & set(singles[:75])
+    # A tag with nothing left gets nothing either way; the others share its weight.
+    recs, _ = generate(100, seed=1, mix=mix, exclude=singles)
+    assert Counter(r["tag"] for r in recs) == {"colors": 100}
 
 
 @needs_eval
 def test_no_evaluation_prompt_is_generated_even_in_english_plurals():
     evaluation = [json.loads(ln)["prompt"] for ln in eval_lines()]
-    recs, capacity = generate(2000, seed=0, exclude=evaluation, style="english")
+    recs, capacity = generate(2000, seed=0, exclude=evaluation, style="english", distinct=True)
     assert capacity["single_object"] == 0 and capacity["counting"] == 160
     assert not {canonical_prompt(r["prompt"]) for r in recs} & set(evaluation)
     assert Counter(r["tag"] for r in recs)["counting"] == 160
+    recs, _ = generate(2000, seed=0, exclude=evaluation, style="english")
+    assert not {canonical_prompt(r["prompt"]) for r in recs} & set(evaluation)
+    counts = Counter(r["tag"] for r in recs)  # GenEval's mix without single_object, repeats included
+    assert "single_object" not in counts and all(abs(counts[t] - 2000 * TAG_MIX[t] / 473) < 1 for t in counts)
 
 
 def run_geneval(tmp_path, name, *extra):
@@ -147,7 +160,7 @@ def test_cli_is_deterministic_and_refuses_to_overwrite(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, needle", [
     (["--mix", "position=1,dragons=2"], "--mix item 'dragons=2'"),
-    (["--mix", "position=1", "-n", "30000"], "exceeds the 25280 distinct prompts"),
+    (["--mix", "position=1", "-n", "30000", "--distinct"], "exceeds the 25280 distinct prompts"),
     (["--exclude", "/nonexistent.jsonl"], "/nonexistent.jsonl"),
 ])
 def test_cli_errors_are_one_line(tmp_path, capsys, args, needle):

@@ -16,8 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     g = sub.add_parser("geneval", help="write GenEval-schema training metadata (JSONL) over the 80 COCO classes",
-                       description="Write N distinct GenEval-schema training records (one JSON object per line, "
-                       "GenEval's phrasing), split over tags by a mix, in an order fixed by the seed.")
+                       description="Write N GenEval-schema training records (one JSON object per line, GenEval's "
+                       "phrasing), split over tags by a mix, in an order fixed by the seed.")
     g.add_argument("-o", "--output", required=True, help="output .jsonl file")
     g.add_argument("-n", "--num-prompts", type=int, default=50000, help="number of records (default 50000)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same file")
@@ -28,6 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"tag weights; tags not named get none (default: GenEval's evaluation mix, {default_mix})")
     g.add_argument("--plurals", choices=PLURAL_STYLES, default="geneval",
                    help="counting prompts' plurals: GenEval's ('two sheeps', the default) or English ('two sheep')")
+    g.add_argument("--distinct", action="store_true",
+                   help="every record differs: a tag with fewer distinct prompts than its share (counting, colors "
+                   "once GenEval's prompts are excluded) gives its excess to the other tags, so the mix bends; by "
+                   "default such a tag repeats its prompts and the mix holds")
     g.add_argument("--force", action="store_true", help="replace an existing output file")
     c = sub.add_parser("check", help="validate a training prompt file and report on it",
                        description="Validate a training prompt file for a task (schema errors: exit 2) and report "
@@ -90,14 +94,15 @@ def run_geneval(args) -> int:
               "--exclude evaluation_metadata.jsonl (GenEval's prompts/evaluation_metadata.jsonl) to leave them out",
               file=sys.stderr)
     mix = parse_mix(args.mix) if args.mix else None
-    records, capacity = generate(args.num_prompts, args.seed, mix, exclude, args.plurals)
+    records, capacity = generate(args.num_prompts, args.seed, mix, exclude, args.plurals, args.distinct)
     write_jsonl((record_line(r) for r in records), out)
     counts = {t: sum(r["tag"] == t for r in records) for t in TAGS}
     parts = []
     for t in TAGS:
         if t in capacity:
             gone = SPACE[t] - capacity[t]
-            note = f" (all{f'; {gone} excluded' if gone else ''})" if counts[t] == capacity[t] else ""
+            note = f" (all{f'; {gone} excluded' if gone else ''})" if counts[t] == capacity[t] else (
+                f" ({capacity[t]} distinct, repeated)" if counts[t] > capacity[t] else "")
             parts.append(f"{t} {counts[t]}{note}")
     print(f"wrote {len(records)} GenEval-schema records to {out} (seed {args.seed}): {', '.join(parts)}")
     return 0

@@ -247,10 +247,13 @@ def excluded_by_tag(prompts) -> dict[str, set[str]]:
 
 
 def generate(n: int, seed: int = 0, mix: dict[str, float] | None = None, exclude=(),
-             style: str = "geneval") -> tuple[list[dict], dict[str, int]]:
-    """n distinct records, none of whose prompts is in `exclude` (prompt strings, compared as records of
-    the grammar), split over tags by `mix` (default TAG_MIX) and shuffled; and each tag's capacity
-    after exclusion. Deterministic in (n, seed, mix, exclude, style)."""
+             style: str = "geneval", distinct: bool = False) -> tuple[list[dict], dict[str, int]]:
+    """n records, none of whose prompts is in `exclude` (prompt strings, compared as records of the
+    grammar), split over tags by `mix` (default TAG_MIX) and shuffled; and each tag's capacity (distinct
+    prompts) after exclusion. A tag whose share exceeds its capacity repeats its distinct prompts (each
+    k or k + 1 times), which keeps the mix (GenEval's score is a mean over tags); with `distinct`, every
+    record differs and such a tag's excess goes to the other tags instead. A tag with no prompt left gets
+    none either way. Deterministic in (n, seed, mix, exclude, style, distinct)."""
     mix = dict(TAG_MIX if mix is None else mix)
     unknown = [t for t in mix if t not in TAGS]
     if unknown or not any(w > 0 for w in mix.values()) or any(w < 0 for w in mix.values()):
@@ -261,24 +264,25 @@ def generate(n: int, seed: int = 0, mix: dict[str, float] | None = None, exclude
         raise UserError(f"the plural style must be one of {', '.join(PLURAL_STYLES)}, got {style!r}.")
     excluded = excluded_by_tag(exclude)
     capacity = {t: SPACE[t] - len(excluded[t]) for t in mix}
-    counts = allocate(n, mix, capacity)
+    counts = allocate(n, mix, capacity if distinct else {t: n if capacity[t] else 0 for t in mix})
     rng = np.random.default_rng(seed)
     records: list[dict] = []
     for tag in TAGS:
         k = counts.get(tag, 0)
         if k == 0:
             continue
-        draws = rng.choice(SPACE[tag], size=min(SPACE[tag], k + len(excluded[tag])), replace=False)
-        taken = 0
+        unique = min(k, capacity[tag])
+        draws = rng.choice(SPACE[tag], size=min(SPACE[tag], unique + len(excluded[tag])), replace=False)
+        chosen: list[dict] = []
         for i in draws:
             rec = decode(tag, int(i))
             if rec["prompt"] in excluded[tag]:
                 continue
             if style != "geneval":
                 rec["prompt"] = phrase(rec, style)
-            records.append(rec)
-            taken += 1
-            if taken == k:
+            chosen.append(rec)
+            if len(chosen) == unique:
                 break
+        records.extend(chosen[j % unique] for j in range(k))
     records = [records[i] for i in rng.permutation(len(records))]
     return records, capacity

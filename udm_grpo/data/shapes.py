@@ -40,6 +40,8 @@ import numpy as np
 
 from ..errors import UserError
 from ..rewards.geneval_rules import position_offset
+from .geneval_prompts import article as _a
+from .geneval_prompts import clause as _clause
 
 CLASSES: tuple[str, ...] = ("circle", "square", "triangle")
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -62,20 +64,6 @@ TEST_FRACTION, TEST_CAP = 1 / 3, 80
 
 
 # ---- prompt grammar -----------------------------------------------------------------------------
-def _a(word: str) -> str:
-    return ("an " if word[0] in "aeiou" else "a ") + word
-
-
-def _clause(cls: str, count: int = 1, color: str | None = None,
-            position: tuple[str, int] | None = None) -> dict:
-    c: dict = {"class": cls, "count": count}
-    if color is not None:
-        c["color"] = color
-    if position is not None:
-        c["position"] = [position[0], position[1]]
-    return c
-
-
 def _named(cls: str, color: str | None) -> str:
     return _a(f"{color} {cls}" if color else cls)
 

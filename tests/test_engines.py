@@ -1,14 +1,16 @@
 """DeepSpeed ZeRO and FSDP2 against DDP: 2 processes on CPU (gloo), the tiny random world.
 
-Each engine must reproduce the single-process update (weights, gathered metrics, the skipped step) and
-write the same checkpoint layout; resuming a DDP checkpoint under the engine must give the update DDP
-gives (weights and AdamW moments restored). Engines that cannot run here are skipped with the engine's
-own error message.
+Each engine must reproduce the single-process update (weights, gathered metrics, the skipped step), write
+DDP's checkpoint (weights and AdamW moments gathered from the shards), and resume from it to the update
+DDP makes from its own (weights and moments restored into the shards). Engines that cannot run here are
+skipped with the engine's own error message.
 """
 
 import importlib.util
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from .test_distributed import launch
 from .test_pipeline import tiny_pipeline
@@ -52,8 +54,13 @@ def test_engine_matches_ddp_and_resumes_its_checkpoints(tmp_path, baseline, engi
     initial = tiny_pipeline().transformer.state_dict()
     assert run["weights"].keys() == one["weights"].keys()
     assert _worst_relative(one["weights"], run["weights"], initial) < 1e-3
-    # The DDP checkpoint resumed under this engine: the 4th update equals DDP's own, so weights and the
-    # AdamW moments were restored (fresh moments would move every weight by about lr instead).
-    cont = launch(tmp_path / f"{engine}-resumed", 2, "default", engine, two["folder"])
+    # The checkpoint is DDP's: the same files, the AdamW moments gathered from the shards included.
+    opt_engine, opt_ddp = (load_file(str(r["folder"] / "optimizer.safetensors")) for r in (run, two))
+    assert opt_engine.keys() == opt_ddp.keys()
+    for key in opt_ddp:
+        assert torch.allclose(opt_engine[key], opt_ddp[key], rtol=1e-3, atol=1e-9), key
+    # Resumed under this engine, its own checkpoint gives the 4th update DDP gives from DDP's, so weights and
+    # moments were restored into the shards (fresh moments would move every weight by about lr instead).
+    cont = launch(tmp_path / f"{engine}-resumed", 2, "default", engine, run["folder"])
     assert [r["step"] for r in cont["rows"]] == [4]
     assert _worst_relative(resumed["weights"], cont["weights"], two["weights"]) < 1e-3

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from udm_grpo.commands.train import finish_processes
 from udm_grpo.grpo import trainer as trainer_mod
 from udm_grpo.grpo.rollout import Rollout, rollout
 from udm_grpo.grpo.states import TrainingStates, pick_train_steps
@@ -108,6 +109,7 @@ def main(out: Path, recipe: str, engine: str = "ddp", resume: str | None = None)
     tr = trainer(cfg, Brightness())
     trainer_mod.grpo_loss = nan_on_last_process(tr)
     tr.train()
+    finish_processes(tr.acc)  # as `udm-grpo train` does
 
 
 if __name__ == "__main__":

@@ -143,6 +143,7 @@ def run(args) -> int:
     except TrainingError as e:
         print(f"udm-grpo train: stopped: {e}")
         return 1
+    finish_processes(trainer.acc)
     if trainer.acc.is_main_process:
         run_dir = Path(cfg.experiment.output_dir)
         if result["interrupted"]:
@@ -153,3 +154,10 @@ def run(args) -> int:
         print(verdict(first, result["eval"], trainer.eval_records, result["step"],
                       (time.time() - start) / 60, run_dir, cfg.reward.name == "shapeeval"))
     return 0
+
+
+def finish_processes(acc) -> None:
+    """Wait for every process, then close the process group (an open gloo group can abort at exit)."""
+    if acc.num_processes > 1:
+        acc.wait_for_everyone()
+        acc.end_training()

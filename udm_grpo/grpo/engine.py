@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
+from .policy import Caller
 
 ENGINES = ("auto", "ddp", "deepspeed", "fsdp")
 
@@ -92,16 +93,6 @@ def plain_accelerator_env():
         os.environ.update(saved)
 
 
-class _Caller:
-    """Gives a module's forward the `image_logits` method the sampler calls."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def image_logits(self, text_ids, image_ids, grid):
-        return self.module(text_ids, image_ids, grid)
-
-
 def _adamw(params, lr: float, betas, weight_decay: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
 
@@ -115,7 +106,6 @@ class Engine:
                  compute_dtype: torch.dtype):
         self.spec, self.acc, self.accum, self.training = spec, acc, accum, training
         self.inner = policy  # ImageLogits(model); its parameters are the float32 masters
-        self.names = [n for n, p in policy.named_parameters() if p.requires_grad]
         self.setup(policy, micro_batch, compute_dtype)
 
     def setup(self, policy, micro_batch: int, compute_dtype: torch.dtype) -> None:
@@ -127,7 +117,7 @@ class Engine:
         return [p for p in self.inner.parameters() if p.requires_grad]
 
     def sampler(self):
-        return self.inner.model if not self.sharded else _Caller(self.module)
+        return self.inner.model if not self.sharded else Caller(lambda t, x, g: self.module(t, x, g))
 
     def micro_context(self, last: bool):
         return self.acc.no_sync(self.module) if not last else contextlib.nullcontext()

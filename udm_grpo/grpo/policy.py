@@ -48,7 +48,7 @@ class ImageLogits(torch.nn.Module):
         return self.model.image_logits(text_ids, image_ids, tuple(grid))
 
 
-class _Caller:
+class Caller:
     """Gives a callable the `image_logits` method the sampler helpers expect."""
 
     def __init__(self, fn):
@@ -79,4 +79,4 @@ def micro_batch_logits(module: torch.nn.Module, m: MicroBatch, rollout_cfg) -> t
     """Float[b, N, K] logits of `module` (an `ImageLogits`, possibly wrapped by DDP) at the micro-batch's
     states: the guided mixture u + s (c - u) when the rollout used guidance s at time t."""
     scale = rollout_cfg.guidance_scale if m.t < rollout_cfg.guidance_trunc else 1.0
-    return guided_logits(_Caller(lambda a, b, g: module(a, b, g)), m.text, m.states, m.grid, scale, m.uncond)
+    return guided_logits(Caller(lambda a, b, g: module(a, b, g)), m.text, m.states, m.grid, scale, m.uncond)

@@ -210,3 +210,26 @@ def test_evaluate_images_summary():
     assert overall["n"] == len(records)
     assert overall["strict"] == pytest.approx(5 / 6)  # mean over tags, as GenEval's overall score
     assert overall["strict_images"] == pytest.approx(1 - 1 / len(records))
+
+
+def test_census_counts_clean_shapes_among_the_blobs_drawn():
+    """Clean renders are all clean shapes; a fused rectangle, an over-sized blob and a two-colour blob
+    that splits into no valid pieces are blobs that are not; specks are not counted at all."""
+    records = generate_records("test")
+    images = render_batch(records, np.random.default_rng(1))
+    census: dict = {}
+    for image in images:
+        detect(image, census=census)
+    objects = sum(c["count"] for r in records for c in r["include"])  # every shape drawn, exclusions aside
+    assert census["clean"] == census["blobs"] >= objects
+    image = paint(canvas(), np.ones((14, 14), bool), "red")
+    paint(image, np.ones((14, 14), bool), "red", x=22)  # fused: one 28x14 component
+    paint(image, shape_mask("square", 40, 40)[:20], "blue", y=40, x=2)  # 20x40 slab
+    paint(image, shape_mask("circle", 16, 16), "green", y=30, x=44)  # a clean circle
+    image[2:4, 60:62] = COLORS["yellow"]  # a speck
+    census = {}
+    assert [d.cls for d in detect(image, census=census)] == ["circle"]
+    assert census == {"blobs": 3, "clean": 1}
+    summary = evaluate_images(image[None], [colour_record("circle", "green")])["overall"]
+    assert (summary["blobs"], summary["clean_fraction"]) == (3, pytest.approx(1 / 3))
+    assert 0 < summary["clean_ci95"] < 1

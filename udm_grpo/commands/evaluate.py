@@ -98,6 +98,9 @@ def run_shapes(args) -> int:
     for tag, row in [*summary["per_tag"].items(), ("overall", summary["overall"])]:
         print(f"{tag:14s} strict {row['strict']:.3f} +-{row['strict_ci95']:.3f}  "
               f"score {row['score']:.3f} +-{row['score_ci95']:.3f}  (n={row['n']})")
+    o = summary["overall"]
+    print(f"clean shapes   {o['clean_fraction']:.3f} +-{o['clean_ci95']:.3f} of the {o['blobs']} blobs drawn "
+          "(the rest: fused, multi-coloured, ragged or implausible)")
     print(f"wrote {out / 'results.json'} and {out / 'grid.png'}")
     return 0
 

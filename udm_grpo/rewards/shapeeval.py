@@ -116,9 +116,11 @@ def _candidate(sub: np.ndarray, sl: tuple[slice, slice], colour: int, shape: tup
 
 def detect(image: np.ndarray, labels: np.ndarray | None = None, min_area: int = 12, min_side: int = 4,
            max_side: int = MAX_SIDE, min_aspect: float = MIN_ASPECT, min_iou: float = 0.6,
-           colour_threshold: float = 70.0) -> list[Detection]:
+           colour_threshold: float = 70.0, census: dict | None = None) -> list[Detection]:
     """Detections of one uint8 [H, W, 3] image, largest first (pass precomputed `colour_labels` to skip
-    step 1)."""
+    step 1). `census`, when given, counts what was drawn: "blobs" = foreground components that are not
+    specks, where a component accepted as a split counts once per piece, and "clean" = those recognised
+    as a clean shape (every detection); the rest are fused, multi-coloured, ragged or implausible blobs."""
     lab = colour_labels(image[None], colour_threshold)[0] if labels is None else labels
     comps, _ = ndimage.label(lab > 0)
     limits = (min_area, min_side, max_side, min_aspect)
@@ -143,11 +145,19 @@ def detect(image: np.ndarray, labels: np.ndarray | None = None, min_area: int = 
             if kept and all(iou >= min_iou for _, iou in kept) and (
                     whole is None or np.mean([iou for _, iou in kept]) > whole[1]):
                 dets += [d for d, _ in kept]
+                _count(census, len(kept), len(kept))
                 continue
         if whole is not None and whole[1] >= min_iou:
             dets.append(whole[0])
+        _count(census, whole is not None, whole is not None and whole[1] >= min_iou)
     dets.sort(key=lambda d: (-int(d.mask.sum()) if d.mask is not None else 0, d.box[1], d.box[0]))  # GenEval rank
     return dets
+
+
+def _count(census: dict | None, blobs: int, clean: int) -> None:
+    if census is not None:
+        census["blobs"] = census.get("blobs", 0) + int(blobs)
+        census["clean"] = census.get("clean", 0) + int(clean)
 
 
 def detect_batch(images, **kwargs) -> list[list[Detection]]:
@@ -193,12 +203,14 @@ class ShapeEvalReward:
 
 def evaluate_images(images, records: list[dict], **kwargs) -> dict:
     """ShapeEval summary: {"per_tag": {tag: {"strict", "score", "n", "strict_ci95", "score_ci95"}},
-    "overall": {the same keys, "strict_images", "score_images"}}. Overall strict / score are the mean over
-    tags (as GenEval's overall score); *_images are the means over all images; *_ci95 are 95% half-widths
-    (`udm_grpo.stats`)."""
+    "overall": {the same keys, "strict_images", "score_images", "clean_fraction", "clean_ci95", "blobs"}}.
+    Overall strict / score are the mean over tags (as GenEval's overall score); *_images are the means over
+    all images; clean_fraction = clean shapes / non-speck blobs drawn (see `detect`'s census); *_ci95 are 95%
+    half-widths (`udm_grpo.stats`; for clean_fraction, blobs are treated as independent)."""
     from ..stats import half_width, mean_of_groups_half_width
 
-    scores, stricts, _ = score_images(images, records, **kwargs)
+    census: dict = {}
+    scores, stricts, _ = score_images(images, records, census=census, **kwargs)
     tags = [r.get("tag", "untagged") for r in records]
     per_tag = {}
     for tag in sorted(set(tags), key=lambda t: (TAGS.index(t) if t in TAGS else len(TAGS), t)):
@@ -212,4 +224,8 @@ def evaluate_images(images, records: list[dict], **kwargs) -> dict:
         overall[f"{key}_ci95"] = mean_of_groups_half_width([r[f"{key}_ci95"] for r in rows])
     overall["strict_images"] = float(stricts.mean()) if len(records) else 0.0
     overall["score_images"] = float(scores.mean()) if len(records) else 0.0
+    blobs, clean = census.get("blobs", 0), census.get("clean", 0)
+    overall["clean_fraction"] = clean / blobs if blobs else 0.0
+    overall["clean_ci95"] = half_width(np.r_[np.ones(clean), np.zeros(blobs - clean)]) if blobs else 0.0
+    overall["blobs"] = blobs
     return {"per_tag": per_tag, "overall": overall}

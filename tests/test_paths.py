@@ -137,10 +137,16 @@ def test_chunked_categorical_matches_softmax():
     def score(a, b, idx):
         return (rows if idx is None else rows[idx])[:, a:b]
 
-    draws = chunked_categorical(score, rows.shape[0], 17, 4, torch.Generator().manual_seed(1))
-    for r in range(3):
-        assert _tv(draws[r * n:(r + 1) * n], torch.softmax(logits[r], -1)) < 0.015
-    assert (draws[n:2 * n] < 5).all()
+    for chunk in (4, 17):  # five blocks, and the one-block path
+        draws = chunked_categorical(score, rows.shape[0], 17, chunk, torch.Generator().manual_seed(1))
+        for r in range(3):
+            assert _tv(draws[r * n:(r + 1) * n], torch.softmax(logits[r], -1)) < 0.015
+        assert (draws[n:2 * n] < 5).all()
+    # Rows without mass get class 0; a row with one finite class always draws it (both paths).
+    edge = torch.full((2, 17), float("-inf"))
+    edge[1, 16] = 0.0
+    for chunk in (4, 17):
+        assert sample_logits(edge, torch.Generator().manual_seed(3), chunk=chunk).tolist() == [0, 16]
     # sample_logits keeps leading dims and works on half precision inputs.
     out = sample_logits(logits.half()[None].expand(2, 3, 17), torch.Generator().manual_seed(2), chunk=4)
     assert out.shape == (2, 3) and out.dtype == torch.long

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .config import (
+    BOOL,
     NONNEG_FLOAT,
     NONNEG_INT,
     POS_FLOAT,
@@ -29,7 +30,7 @@ from .config import (
     register_section,
     section,
 )
-from .data.shapes import generate_records, render, sample_records
+from .data.shapes import BACKGROUND, COLORS, generate_records, render, sample_records
 from .data.text_tokenizer import build_word_tokenizer, tiny_world_vocabulary
 from .diffusion.loss import pretraining_loss
 from .diffusion.paths import MetricPath
@@ -60,6 +61,8 @@ class TinyWorldConfig:
     patch_size: int = opt(8, POS_INT, "patch tokenizer stride")
     codebook_size: int = opt(1024, int_rule(2), "patch codebook entries K")
     tokenizer_images: int = opt(3000, POS_INT, "rendered scenes used to fit the codebook")
+    tokenizer_colour_groups: bool = opt(False, BOOL, "give each palette colour its own codebook entries "
+                                        "(no mixed-colour patches; see PatchVQ)")
     max_prompt_length: int = opt(16, POS_INT, "text tokens (left-padded)")
     hidden_size: int = opt(256, POS_INT, "transformer width")
     intermediate_size: int = opt(768, POS_INT, "SwiGLU width")
@@ -96,7 +99,8 @@ def build_pipeline(cfg: TinyWorldConfig) -> URSAPipeline:
     train = generate_records("train", None, cfg.seed)
     picks = rng.integers(0, len(train), cfg.tokenizer_images)
     images = _render_records([train[i] for i in picks], rng)
-    vae = PatchVQ.fit(images, cfg.codebook_size, patch_size=cfg.patch_size, seed=cfg.seed)
+    groups = [list(BACKGROUND), *map(list, COLORS.values())] if cfg.tokenizer_colour_groups else None
+    vae = PatchVQ.fit(images, cfg.codebook_size, patch_size=cfg.patch_size, seed=cfg.seed, colour_groups=groups)
     tokenizer = build_word_tokenizer(tiny_world_vocabulary(), cfg.max_prompt_length)
     text_vocab = len(tokenizer)
     tcfg = URSAConfig(

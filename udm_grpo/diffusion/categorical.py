@@ -48,6 +48,8 @@ def chunked_categorical(
     second pass costs about one block per row. Rows whose scores are all -inf get class 0.
     """
     blocks = list(_blocks(num_classes, chunk))
+    if len(blocks) == 1:
+        return _one_block(score_fn(0, num_classes, None).float(), generator, device)
     maxes = torch.empty(rows, len(blocks), device=device)
     sums = torch.empty(rows, len(blocks), dtype=torch.float64, device=device)
     single = None  # with one block its scores are kept for pass 2 instead of recomputed
@@ -81,6 +83,24 @@ def chunked_categorical(
         idx = (cw < (target[sel] - prefix[sel])[:, None]).sum(dim=1)
         last_pos = (k1 - k0 - 1) - (w > 0).flip(1).int().argmax(dim=1)
         out[sel] = torch.minimum(idx, last_pos) + k0
+    return out
+
+
+def _one_block(s: torch.Tensor, generator: torch.Generator | None, device) -> torch.Tensor:
+    """`chunked_categorical` when all classes fit one block: the same draws, bit for bit (the same float32
+    exponentials summed and accumulated in float64, the same uniform), with the exponentials computed once
+    and the inverse-CDF search done by `searchsorted` (the count of cumulative sums below the target)."""
+    m = s.max(dim=1).values
+    safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - safe[:, None])
+    total = e.sum(dim=1, dtype=torch.float64)
+    u = torch.rand(s.shape[0], generator=generator, device=draw_device(generator, device), dtype=torch.float64)
+    target = u.to(device) * total
+    cw = e.double().cumsum(dim=1)
+    out = torch.searchsorted(cw, target[:, None]).squeeze(1)
+    past = (out == s.shape[1]).nonzero().squeeze(1)  # rounding left the target past the last sum
+    if past.numel():
+        out[past] = (s.shape[1] - 1) - (e[past] > 0).flip(1).int().argmax(dim=1)
     return out
 
 

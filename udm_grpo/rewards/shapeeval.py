@@ -42,6 +42,7 @@ _NAMES = list(COLORS)
 _PALETTE = np.array([BACKGROUND] + [COLORS[c] for c in _NAMES], dtype=np.float32)  # [1 + C, 3]
 MAX_SIDE = round(1.3 * MAX_SIZE)  # longest plausible box side (px)
 MIN_ASPECT = 0.6  # least plausible min / max box side
+CLEAN_PURITY = 0.9  # a clean shape's share of its main colour (the census only, not the rules)
 
 
 @lru_cache(maxsize=4096)
@@ -119,8 +120,9 @@ def detect(image: np.ndarray, labels: np.ndarray | None = None, min_area: int = 
            colour_threshold: float = 70.0, census: dict | None = None) -> list[Detection]:
     """Detections of one uint8 [H, W, 3] image, largest first (pass precomputed `colour_labels` to skip
     step 1). `census`, when given, counts what was drawn: "blobs" = foreground components that are not
-    specks, where a component accepted as a split counts once per piece, and "clean" = those recognised
-    as a clean shape (every detection); the rest are fused, multi-coloured, ragged or implausible blobs."""
+    specks, and "clean" = those that are one clean shape: detected whole (not split: the world never draws
+    touching shapes) and at least `CLEAN_PURITY` of one colour. The rest are fused, multi-coloured, ragged
+    or implausible blobs."""
     lab = colour_labels(image[None], colour_threshold)[0] if labels is None else labels
     comps, _ = ndimage.label(lab > 0)
     limits = (min_area, min_side, max_side, min_aspect)
@@ -145,11 +147,12 @@ def detect(image: np.ndarray, labels: np.ndarray | None = None, min_area: int = 
             if kept and all(iou >= min_iou for _, iou in kept) and (
                     whole is None or np.mean([iou for _, iou in kept]) > whole[1]):
                 dets += [d for d, _ in kept]
-                _count(census, len(kept), len(kept))
+                _count(census, 1, 0)
                 continue
         if whole is not None and whole[1] >= min_iou:
             dets.append(whole[0])
-        _count(census, whole is not None, whole is not None and whole[1] >= min_iou)
+        _count(census, whole is not None,
+               whole is not None and whole[1] >= min_iou and counts.max() >= CLEAN_PURITY * counts.sum())
     dets.sort(key=lambda d: (-int(d.mask.sum()) if d.mask is not None else 0, d.box[1], d.box[0]))  # GenEval rank
     return dets
 

@@ -110,7 +110,7 @@ class Engine:
 
     def setup(self, policy, micro_batch: int, compute_dtype: torch.dtype) -> None:
         t = self.training
-        opt = _adamw([p for p in policy.parameters() if p.requires_grad], t.lr, t.betas, t.weight_decay)
+        opt = _adamw(self.params(), t.lr, t.betas, t.weight_decay)
         self.module, self.optimizer = self.acc.prepare(policy, opt)
 
     def params(self) -> list[torch.nn.Parameter]:
@@ -192,7 +192,7 @@ class DeepSpeedEngine(Engine):
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 2**31,
         }
-        opt = _adamw([p for p in policy.parameters() if p.requires_grad], t.lr, t.betas, t.weight_decay)
+        opt = _adamw(self.params(), t.lr, t.betas, t.weight_decay)
         self.module, self.optimizer, _, _ = deepspeed.initialize(model=policy, optimizer=opt, config=config)
         self.sharded = stage == 3
 
@@ -243,6 +243,7 @@ class DeepSpeedEngine(Engine):
         link = getattr(self.optimizer, "_lazy_init_hp_params_optimizer_state", None)
         if link is not None:  # ZeRO-1/2 link the moments to parameters at the first step; do it now
             link()
+        step = 0.0  # the AdamW step count, from the checkpoint's moments when it has any
         for i, (name, p) in enumerate(self.inner.named_parameters()):
             value = weights[name.removeprefix("model.")]
             safe_set_full_fp32_param(p, value.to(p.device))
@@ -275,8 +276,7 @@ class FSDPEngine(Engine):
         fully_shard(policy, mp_policy=mp)
         t = self.training
         self.module = policy
-        self.optimizer = _adamw([p for p in policy.parameters() if p.requires_grad], t.lr, t.betas,
-                                t.weight_decay)
+        self.optimizer = _adamw(self.params(), t.lr, t.betas, t.weight_decay)
 
     def micro_context(self, last: bool):
         # Gradients are reduce-scattered after every micro-batch: they stay sharded (less memory than

@@ -95,17 +95,18 @@ def check(cfg, processes: int | None = None) -> None:
     print(plan.describe())
     check_reward(cfg.reward.name, cfg.reward.params)
     folder = resolve_model(cfg.model.path) if cfg.model.path else SHIPPED_MODEL
-    URSAPipeline.check_folder(folder)
-    print(memory_text(cfg, folder, spec, plan))
+    index = URSAPipeline.check_folder(folder)
+    print(memory_text(cfg, folder, index, spec, plan))
     for source in (cfg.data.train or "shapes:train", cfg.data.test or "shapes:test"):
         check_prompt_source(cfg.reward.name, load_prompts(source), source)
     print("check passed: the reward, the model folder and the prompt files are usable")
 
 
-def memory_text(cfg, folder: Path, spec, plan) -> str:
+def memory_text(cfg, folder: Path, index: dict, spec, plan) -> str:
+    """The memory estimate for the model in `folder` (its parsed model_index.json is `index`)."""
     from ..grpo.memory import Shape, describe, estimate
     from ..models.io import read_config
-    from ..models.pipeline import DEFAULT_PROMPT_LENGTH, URSAPipeline
+    from ..models.pipeline import DEFAULT_PROMPT_LENGTH
     from ..models.transformer import URSAConfig
 
     data, path = read_config(folder / "transformer", "transformer")
@@ -113,7 +114,7 @@ def memory_text(cfg, folder: Path, spec, plan) -> str:
     vae, _ = read_config(folder / "vae", "vae")
     stride = vae.get("patch_size") or 2 ** (len(vae.get("block_out_channels", [0] * 5)) - 1)
     r = cfg.sampling.rollout
-    text = int(URSAPipeline.check_folder(folder).get("_max_prompt_length", DEFAULT_PROMPT_LENGTH))
+    text = int(index.get("_max_prompt_length", DEFAULT_PROMPT_LENGTH))
     bf16 = cfg.model.dtype == "bfloat16" or cfg.training.mixed_precision == "bf16"
     gib = estimate(shape, spec.kind, spec.zero_stage, plan.num_processes, bf16, cfg.reward.kl_beta > 0,
                    cfg.model.gradient_checkpointing, plan.micro_batch_size, r.batch_size or plan.images_per_process,

@@ -64,14 +64,14 @@ def test_template_is_current_and_loads_as_the_tiny_world_defaults():
 
 def test_partial_config_is_layered_on_the_tiny_world(tmp_path):
     partial = tmp_path / "my.yaml"
-    partial.write_text("training:\n  lr: 1.0e-4\n")
+    partial.write_text("training:\n  lr: 3.0e-4\n")
     result = run_cli("train", "--config", str(partial), "--check")
     assert result.returncode == 0, result.stderr
     from udm_grpo.commands.train import DEFAULT_CONFIG
     from udm_grpo.config import load_config
 
     cfg = load_config([DEFAULT_CONFIG, partial])
-    assert cfg.training.lr == 1e-4 and cfg.reward.name == "shapeeval"
+    assert cfg.training.lr == 3e-4 and cfg.reward.name == "shapeeval"
 
 
 @pytest.mark.parametrize("args, needle", [

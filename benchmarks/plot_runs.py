@@ -12,8 +12,8 @@ from pathlib import Path
 
 def rolling_mean(values: list[float], window: int) -> list[float]:
     """out[i] = mean(values[max(0, i - window + 1) : i + 1])."""
-    return [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
-            for i in range(len(values))]
+    windows = [values[max(0, i - window + 1) : i + 1] for i in range(len(values))]
+    return [sum(w) / len(w) for w in windows]
 
 
 def main() -> None:

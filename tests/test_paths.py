@@ -92,17 +92,36 @@ def test_metric_add_noise_follows_marginal(emb, chunk, row_chunk):
         assert _tv(xt, path.probs(torch.tensor([4]), t)[0]) < 0.015
 
 
-@pytest.mark.parametrize("chunk", [K, 5])
-def test_metric_jump_distribution(emb, chunk):
-    path = MetricPath(emb, chunk=chunk, row_chunk=4096)
-    n, t, dt = 60_000, 0.4, 0.15
-    y, xt = 2, 7
-    x_next = path.jump(torch.full((n,), xt), torch.full((n,), y), t, dt, torch.Generator().manual_seed(5))
+def _jump_law(emb, y, xt, t, dt):
     _, u = ref_tables(emb, torch.tensor([y]), torch.tensor([xt]), t)
     rate = u.sum()
-    expected = (1 - math.exp(-dt * rate)) * u[0] / rate
+    expected = (1 - math.exp(-dt * rate)) * u[0] / rate if rate > 0 else torch.zeros(emb.shape[0], dtype=u.dtype)
     expected[xt] += math.exp(-dt * rate)
-    assert _tv(x_next, expected) < 0.015
+    return expected
+
+
+# table_max=0 forces the streamed blocks; the default takes the sorted-distance table for one time t.
+@pytest.mark.parametrize("chunk,table_max", [(K, 0), (5, 0), (K, 2048)])
+def test_metric_jump_distribution(emb, chunk, table_max):
+    path = MetricPath(emb, chunk=chunk, row_chunk=4096, table_max=table_max)
+    n = 60_000
+    for y, xt, t, dt in ((2, 7, 0.4, 0.15), (0, 11, 0.1, 0.5), (4, 4, 0.5, 0.2)):
+        x_next = path.jump(torch.full((n,), xt), torch.full((n,), y), t, dt, torch.Generator().manual_seed(5))
+        assert _tv(x_next, _jump_law(emb, y, xt, t, dt)) < 0.015
+
+
+def test_metric_jump_table_with_tied_codes_and_per_sample_times(emb):
+    tied = torch.cat([emb[:6], emb[:6]])  # every code has a twin at distance 0
+    path = MetricPath(tied)
+    n = 60_000
+    x_next = path.jump(torch.full((n,), 9), torch.full((n,), 1), 0.3, 0.4, torch.Generator().manual_seed(6))
+    assert _tv(x_next, _jump_law(tied, 1, 9, 0.3, 0.4)) < 0.015
+    assert (x_next != 3).all()  # code 3 is the twin of x_t = 9: no closer to y, so never a target
+    # Two times in one call take the streamed route; each half follows its own law.
+    t = torch.tensor([0.2, 0.7]).repeat_interleave(n // 2)
+    x_next = path.jump(torch.full((n,), 9), torch.full((n,), 1), t, 0.3, torch.Generator().manual_seed(7))
+    for half, tk in ((x_next[: n // 2], 0.2), (x_next[n // 2 :], 0.7)):
+        assert _tv(half, _jump_law(tied, 1, 9, tk, 0.3)) < 0.02
 
 
 def test_mixture_path():

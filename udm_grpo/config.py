@@ -154,6 +154,11 @@ class Config:
     experiment: ExperimentConfig = section(ExperimentConfig)
     data: DataConfig = section(DataConfig)
 
+    @property
+    def bf16(self) -> bool:
+        """Compute in bf16 (autocast forwards, a bf16 reference): `model.dtype: bfloat16` or bf16 mixed precision."""
+        return self.model.dtype == "bfloat16" or self.training.mixed_precision == "bf16"
+
 
 # keys of the official UDM-GRPO configs -> the end of the error sentence
 _RENAMED = {

@@ -115,8 +115,7 @@ def memory_text(cfg, folder: Path, index: dict, spec, plan) -> str:
     stride = vae.get("patch_size") or 2 ** (len(vae.get("block_out_channels", [0] * 5)) - 1)
     r = cfg.sampling.rollout
     text = int(index.get("_max_prompt_length", DEFAULT_PROMPT_LENGTH))
-    bf16 = cfg.model.dtype == "bfloat16" or cfg.training.mixed_precision == "bf16"
-    gib = estimate(shape, spec.kind, spec.zero_stage, plan.num_processes, bf16, cfg.reward.kl_beta > 0,
+    gib = estimate(shape, spec.kind, spec.zero_stage, plan.num_processes, cfg.bf16, cfg.reward.kl_beta > 0,
                    cfg.model.gradient_checkpointing, plan.micro_batch_size, r.batch_size or plan.images_per_process,
                    text, (r.height // stride) * (r.width // stride), r.guidance_scale != 1.0,
                    cfg.model.lora is not None)

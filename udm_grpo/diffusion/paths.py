@@ -129,6 +129,8 @@ class MetricPath:
     Args:
         embedding: Float[K, D] path embedding (the tokenizer codebook, `path.emb` on disk).
         chunk: codebook columns per block; row_chunk: tokens per block.
+        table_max: largest K for which `jump` works from a cached K x K table of sorted distances
+            (see `_jump_sorted`); larger codebooks (URSA's 64K) stream blocks instead.
     """
 
     def __init__(
@@ -139,13 +141,15 @@ class MetricPath:
         eps: float = 1e-5,
         chunk: int = 4096,
         row_chunk: int = 1024,
+        table_max: int = 2048,
     ):
         emb = embedding.detach().float()
         self.raw_emb = emb
         self.emb = emb / emb.norm(dim=-1, keepdim=True).clamp_min(eps)
         self.sq_norm = (self.emb * self.emb).sum(-1)
         self.alpha, self.c, self.eps = float(alpha), float(c), float(eps)
-        self.chunk, self.row_chunk = int(chunk), int(row_chunk)
+        self.chunk, self.row_chunk, self.table_max = int(chunk), int(row_chunk), int(table_max)
+        self._sorted: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_embeddings(self) -> int:
@@ -158,6 +162,7 @@ class MetricPath:
 
     def to(self, device: torch.device | str) -> MetricPath:
         self.emb, self.sq_norm, self.raw_emb = self.emb.to(device), self.sq_norm.to(device), self.raw_emb.to(device)
+        self._sorted = None
         return self
 
     def beta(self, t: torch.Tensor) -> torch.Tensor:
@@ -225,6 +230,8 @@ class MetricPath:
         tt = expand_time(t, x1).reshape(-1)
         dtt = expand_time(dt, x1).reshape(-1)
         y, xt = x1.reshape(-1), x_t.reshape(-1)
+        if self.num_embeddings <= self.table_max and y.numel() and bool((tt == tt[0]).all()):
+            return self._jump_sorted(xt, y, tt[0], dtt, generator).reshape(x_t.shape)
         beta, dbeta = self.beta(tt), self.dbeta(tt)
         out = xt.clone()
         for r0 in range(0, y.numel(), self.row_chunk):
@@ -254,6 +261,51 @@ class MetricPath:
                 score, idx.numel(), self.num_embeddings, self.chunk, generator, y.device
             )
         return out.reshape(x_t.shape)
+
+    def sorted_distances(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Cached (ds, order, rank), each [K, K]: row y holds d(., y) sorted ascending (stable), the codes in
+        that order, and each code's position in it (ds[y, rank[y, x]] = d(x, y))."""
+        if self._sorted is None:
+            codes = torch.arange(self.num_embeddings, device=self.emb.device)
+            ds, order = self.distance(codes).sort(dim=1, stable=True)
+            rank = torch.empty_like(order).scatter_(1, order, codes.expand_as(order).contiguous())
+            self._sorted = (ds, order, rank)
+        return self._sorted
+
+    def _jump_sorted(self, xt: torch.Tensor, y: torch.Tensor, t: torch.Tensor, dt: torch.Tensor,
+                     generator: torch.Generator | None) -> torch.Tensor:
+        """`jump` for one time t over flat tokens, from prefix sums along each target's sorted distances.
+
+        With w_i = exp(-beta d_i) over row y sorted by d, W_j = sum_{i<=j} w_i, V_j = sum_{i<=j} w_i d_i and
+        r = rank of x_t: sum_{x != x_t} e^{-beta d(x)} max(0, d_t - d(x)) = d_t W_{r-1} - V_{r-1} (codes at or past
+        r are no closer to y than x_t), so R = beta' (d_t W_{r-1} - V_{r-1}) / W_{K-1}. A jumping token draws
+        u ~ U(0, 1) and takes the first sorted code whose cumulative mass d_t W_i - V_i exceeds u times the total
+        (a binary search: that mass is nondecreasing in i < r). Costs K^2 per call instead of tokens x K.
+        """
+        ds, order, rank = self.sorted_distances()
+        w = torch.exp(-self.beta(t) * ds).double()
+        cw, cv = w.cumsum(1), (w * ds.double()).cumsum(1)
+        r = rank[y, xt]
+        d_t = ds[y, r].double()
+        before = (r - 1).clamp_min(0)
+        mass = torch.where(r > 0, d_t * cw[y, before] - cv[y, before], 0.0).clamp_min(0.0)
+        rate = (self.dbeta(t).double() * mass / cw[y, -1]).float()
+        u = torch.rand(y.numel(), generator=generator, device=draw_device(generator, y.device)).to(y.device)
+        moves = (u < -torch.expm1(-dt * rate)) & (rate > 0)
+        out = xt.clone()
+        idx = moves.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            return out
+        ym, dm, rm = y[idx], d_t[idx], r[idx]
+        v = torch.rand(idx.numel(), generator=generator, device=draw_device(generator, y.device), dtype=torch.float64)
+        target = v.to(y.device) * mass[idx]
+        lo, hi = torch.zeros_like(rm), rm - 1  # the answer lies in [0, r - 1]
+        for _ in range(max(1, (self.num_embeddings - 1).bit_length())):
+            mid = (lo + hi) // 2
+            below = dm * cw[ym, mid] - cv[ym, mid] <= target
+            lo, hi = torch.where(below, mid + 1, lo), torch.where(below, hi, mid)
+        out[idx] = order[ym, lo.clamp_max(rm - 1)]
+        return out
 
 
 def build_path(

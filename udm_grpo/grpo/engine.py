@@ -255,7 +255,7 @@ class DeepSpeedEngine(Engine):
                 safe_set_full_optimizer_state(p, entry["exp_avg"].to(p.device), "exp_avg")
                 safe_set_full_optimizer_state(p, entry["exp_avg_sq"].to(p.device), "exp_avg_sq")
                 step = entry["step"]
-        for state in self.optimizer.optimizer.state.values():
+        for state in base.state.values():
             if "step" in state:
                 state["step"] = torch.as_tensor(float(step), dtype=state["step"].dtype) if torch.is_tensor(
                     state["step"]) else float(step)

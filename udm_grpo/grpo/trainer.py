@@ -72,8 +72,7 @@ class UDMGRPOTrainer:
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.plan = plan_from_config(c, self.world)
         self.progress = progress and self.acc.is_main_process
-        bf16 = c.model.dtype == "bfloat16" or c.training.mixed_precision == "bf16"
-        self.compute_dtype = torch.bfloat16 if bf16 else torch.float32
+        self.compute_dtype = torch.bfloat16 if c.bf16 else torch.float32
         if pipeline is None:
             from ..tinyworld import SHIPPED_MODEL
 

@@ -1,7 +1,8 @@
 """How clean can the tiny world's shapes be after the tokenizer? ShapeEval's census (clean shapes / blobs drawn)
-of the VQ reconstructions of clean renders of the test split: the shipped PatchVQ (plain k-means) against one
-fitted the same way with colour groups (`tokenizer_colour_groups: true`). A generated image cannot be cleaner
-than its tokenizer lets it be, so this is the ceiling of `eval shapes`' clean-shape fraction.
+of the VQ reconstructions of clean renders of the test split, for the shipped PatchVQ and for tokenizers fitted
+by `udm-grpo pretrain`'s recipe with 1,024 or 256 codes, by plain k-means or with colour groups
+(`tokenizer_colour_groups: true`). A generated image cannot be cleaner than its tokenizer lets it be, so this
+is the ceiling of `eval shapes`' clean-shape fraction.
 
     python benchmarks/bench_tokenizer_clean.py
 """
@@ -34,15 +35,18 @@ def main() -> None:
     torch.set_num_threads(2)
     records = generate_records("test")
     images = render_batch(records, np.random.default_rng(0))
-    shipped = URSAPipeline.from_pretrained(SHIPPED_MODEL).vae
-    grouped = build_pipeline(TinyWorldConfig(tokenizer_colour_groups=True)).vae
+    vaes = {"shipped": URSAPipeline.from_pretrained(SHIPPED_MODEL).vae}
+    for k in (1024, 256):
+        for groups in (False, True):
+            name = f"K = {k}, {'colour groups' if groups else 'plain k-means'}"
+            vaes[name] = build_pipeline(TinyWorldConfig(codebook_size=k, tokenizer_colour_groups=groups)).vae
     print(f"ShapeEval census of VQ reconstructions, {len(records)} clean renders of the test split "
-          f"(K = {shipped.num_embeddings}, {shipped.config.patch_size} px patches)")
-    for name, vae in (("shipped (plain k-means)", shipped), ("colour groups", grouped)):
+          f"({vaes['shipped'].config.patch_size} px patches; shipped K = {vaes['shipped'].num_embeddings})")
+    for name, vae in vaes.items():
         c = census_of(vae, images)
         frac = c["clean"] / c["blobs"]
         ci = half_width(np.r_[np.ones(c["clean"]), np.zeros(c["blobs"] - c["clean"])])
-        print(f"  {name:24s} clean {frac:.3f} +-{ci:.3f} ({c['clean']} of {c['blobs']} blobs)")
+        print(f"  {name:30s} clean {frac:.3f} +-{ci:.3f} ({c['clean']} of {c['blobs']} blobs)")
 
 
 if __name__ == "__main__":

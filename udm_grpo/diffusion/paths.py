@@ -26,6 +26,12 @@ def _take(x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
     return x if idx is None else x[idx]
 
 
+def _jumping(rate: torch.Tensor, dt: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Indices of the tokens that jump within dt: each with probability 1 - exp(-dt R) (one uniform per token)."""
+    u = torch.rand(rate.numel(), generator=generator, device=draw_device(generator, rate.device)).to(rate.device)
+    return ((u < -torch.expm1(-dt * rate)) & (rate > 0)).nonzero().squeeze(1)
+
+
 def expand_time(t: TimeLike, x: torch.Tensor) -> torch.Tensor:
     """Broadcast t (a float, Float[B] per sample or a tensor of x's shape) to Float32 of x.shape."""
     t = torch.as_tensor(t, dtype=torch.float32, device=x.device)
@@ -246,9 +252,7 @@ class MetricPath:
                 z += w.sum(1, dtype=torch.float64)
                 s += (w * gap).sum(1, dtype=torch.float64)
             rate = (dbeta[sl].double() * s / z).float()
-            u = torch.rand(yy.numel(), generator=generator, device=draw_device(generator, y.device)).to(y.device)
-            moves = (u < -torch.expm1(-dtt[sl] * rate)) & (rate > 0)
-            idx = moves.nonzero().squeeze(1)
+            idx = _jumping(rate, dtt[sl], generator)
             if idx.numel() == 0:
                 continue
             ym, xm, bm = yy[idx], xx[idx], bb[idx]
@@ -290,10 +294,8 @@ class MetricPath:
         before = (r - 1).clamp_min(0)
         mass = torch.where(r > 0, d_t * cw[y, before] - cv[y, before], 0.0).clamp_min(0.0)
         rate = (self.dbeta(t).double() * mass / cw[y, -1]).float()
-        u = torch.rand(y.numel(), generator=generator, device=draw_device(generator, y.device)).to(y.device)
-        moves = (u < -torch.expm1(-dt * rate)) & (rate > 0)
         out = xt.clone()
-        idx = moves.nonzero().squeeze(1)
+        idx = _jumping(rate, dt, generator)
         if idx.numel() == 0:
             return out
         ym, dm, rm = y[idx], d_t[idx], r[idx]

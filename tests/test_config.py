@@ -27,6 +27,19 @@ def test_defaults_are_the_paper_recipe():
     assert len(describe_schema()) > 40
 
 
+def test_reward_params_of_another_shape_replace_the_default(tmp_path):
+    """A value whose shape differs from the layer below (a list over the default mapping) replaces it, so
+    validation names the key instead of the merge failing with a traceback."""
+    path = tmp_path / "run.yaml"
+    path.write_text("reward:\n  name: [shapeeval, clipscore]\n  params: [{strict: 0.5}, {}]\n")
+    with pytest.raises(ConfigError, match=r"config key 'reward.params' must be a mapping, got \[.*run.yaml"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="config key 'reward.params' must be a mapping.*override"):
+        load_config(None, ["reward.params=[{strict: 0.5},{}]"])
+    cfg = load_config(None, ["reward.name=[shapeeval,clipscore]", "reward.params.shapeeval.strict=0.5"])
+    assert cfg.reward.params == {"shapeeval": {"strict": 0.5}}
+
+
 def test_yaml_and_overrides_merge(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(

@@ -174,11 +174,20 @@ def test_reward_protocol():
     assert isinstance(reward, Reward)
     out = reward(images, [r["prompt"] for r in records], records)
     assert isinstance(out, RewardOutput) and out.scores.dtype == torch.float32 and out.scores.shape == (8,)
-    assert set(out.values) == {"strict", "score"}
+    assert set(out.values) == {"strict", "score", "clean"}
     assert out.values["strict"].tolist() == [1.0] * 4 + [0.0] * 4
     assert torch.equal(out.scores, out.values["score"])
     strict = ShapeEvalReward(strict=True)(images.numpy(), [r["prompt"] for r in records], records)
     assert torch.equal(strict.scores, out.values["strict"])
+    images[1, 40:] = torch.tensor(BACKGROUND, dtype=torch.uint8)  # partial credit between 0 and 1 somewhere
+    out = reward(images, [r["prompt"] for r in records], records)
+    blend = ShapeEvalReward(strict=0.25)(images, [r["prompt"] for r in records], records)
+    expected = [0.75 * s + 0.25 * t for s, t in zip(out.values["score"].tolist(), out.values["strict"].tolist())]
+    assert blend.scores.tolist() == pytest.approx(expected)
+    assert blend.values["score"].tolist() == out.values["score"].tolist()
+    for bad in (1.5, -0.1, "yes"):
+        with pytest.raises(UserError, match="parameter 'strict' must be true, false or a weight in"):
+            ShapeEvalReward(strict=bad)
 
 
 def test_reward_input_errors():
@@ -233,3 +242,12 @@ def test_census_counts_clean_shapes_among_the_blobs_drawn():
     summary = evaluate_images(image[None], [colour_record("circle", "green")])["overall"]
     assert (summary["blobs"], summary["clean_fraction"]) == (3, pytest.approx(1 / 3))
     assert 0 < summary["clean_ci95"] < 1
+    # the reward's clean term: the same census per image, c * (1 - clean fraction) subtracted
+    blank = canvas()
+    images, records = np.stack([image, blank]), [colour_record("circle", "green")] * 2
+    plain = ShapeEvalReward()(images, ["a green circle"] * 2, records)
+    paid = ShapeEvalReward(clean=0.6)(images, ["a green circle"] * 2, records)
+    assert plain.values["clean"].tolist() == pytest.approx([1 / 3, 1.0])  # nothing drawn = nothing unclean
+    assert paid.scores.tolist() == pytest.approx([plain.scores[0].item() - 0.6 * 2 / 3, plain.scores[1].item()])
+    with pytest.raises(UserError, match="parameter 'clean' must be a weight >= 0"):
+        ShapeEvalReward(clean=-1)

@@ -90,7 +90,7 @@ class SamplingConfig:
 @dataclass
 class RewardConfig:
     name: str | list = opt("geneval", REWARD_NAME, "reward name, or a list of names summed with reward.weights")
-    params: dict = opt({}, MAPPING, "keyword arguments of the reward (of a list: one mapping per name)")
+    params: dict = opt({}, MAPPING, "keyword arguments of the reward (of a list: {name: {...}} per listed reward)")
     weights: list | None = opt(None, optional(NUMBERS), "weights of a list of rewards; null = all 1")
     normalize: bool = opt(False, BOOL, "standardise each listed reward's scores per call before the weighted sum")
     advantage_clipping: float | None = opt(5.0, optional(POS_FLOAT), "clip advantages to +-this; null = off")
@@ -287,7 +287,7 @@ def config_from_dict(data: Mapping, origins: dict[str, str] | None = None, where
     """Validate a (possibly partial) nested mapping, fill defaults and return a `schema` instance."""
     origins = origins or {}
     checked = _check_keys(data, schema, "", where)
-    merged = OmegaConf.merge(OmegaConf.create(config_to_dict(schema())), OmegaConf.create(checked))
+    merged = OmegaConf.create(_merge(config_to_dict(schema()), checked))
     try:
         plain = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as e:
@@ -309,6 +309,15 @@ def config_from_dict(data: Mapping, origins: dict[str, str] | None = None, where
 def validate_config(config: Config) -> Config:
     """Re-check a Config edited in code; returns a normalised copy."""
     return config_from_dict(config_to_dict(config))
+
+
+def _merge(base: Mapping, top: Mapping) -> dict:
+    """`top` over `base`: mappings merge key by key, anything else (lists, scalars) replaces, even a mapping
+    (reward.params is a mapping for one reward and a list of them for several)."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
 
 
 def _flat_keys(data: Mapping, prefix: str = "") -> list[str]:
@@ -373,8 +382,10 @@ def load_config(path: str | os.PathLike | Sequence[str | os.PathLike | None] | N
         _check_keys(data, schema, "", f" in override '{item}'")
         origins.update({k: f"set by override '{item}'" for k in _flat_keys(data)})
         layers.append(data)
-    merged = OmegaConf.merge(*(OmegaConf.create(layer) for layer in layers)) if layers else OmegaConf.create({})
-    return config_from_dict(OmegaConf.to_container(merged, resolve=False), origins, schema=schema)
+    merged: dict = {}
+    for layer in layers:
+        merged = _merge(merged, layer)
+    return config_from_dict(merged, origins, schema=schema)
 
 
 def save_resolved(config, path: str | os.PathLike) -> None:

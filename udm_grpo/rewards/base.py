@@ -45,6 +45,21 @@ class Reward(Protocol):
                  metadata: list[dict | None]) -> RewardOutput: ...
 
 
+def strict_weight(value: Any, reward: str) -> float:
+    """The `strict` parameter of the GenEval-rule rewards: a weight w in [0, 1] (true = 1, false = 0) of
+    strict correctness in the reward (1 - w) * score + w * strict."""
+    if isinstance(value, bool) or (isinstance(value, (int, float)) and 0 <= value <= 1):
+        return float(value)
+    raise UserError(f"the {reward} reward's parameter 'strict' must be true, false or a weight in [0, 1], "
+                    f"got {value!r}.")
+
+
+def geneval_output(score: torch.Tensor, strict: torch.Tensor, weight: float, **values: torch.Tensor) -> RewardOutput:
+    """RewardOutput with scores (1 - weight) * score + weight * strict and values {strict, score, **values}."""
+    scores = strict if weight == 1 else score if weight == 0 else (1 - weight) * score + weight * strict
+    return RewardOutput(scores, {"strict": strict, "score": score, **values})
+
+
 def to_uint8_images(images: Any) -> np.ndarray:
     """uint8 torch tensor / numpy array [B, H, W, 3] (or a list of HxWx3 images) -> numpy uint8."""
     if isinstance(images, torch.Tensor):

@@ -16,8 +16,8 @@ text embedding the normalised mean of "a photo of a {c} {cls}", "a photo of a {c
 "a photo of a {c} object" (cached per class), on the object's crop: the image composited through its mask
 over grey #999, cut to its box. Only objects of classes that a clause asks a colour of are classified.
 
-scores = partial credit (or strict 0/1 with `strict=True`), values = {"strict": official GenEval
-correctness, "score": partial credit}; see `geneval_rules`.
+scores = (1 - w) * partial credit + w * strict 0/1 with w = `strict` (false = 0, true = 1), values =
+{"strict": official GenEval correctness, "score": partial credit}; see `geneval_rules`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, ConfigError, UserError
-from .base import RewardOutput, check_batch, require_geneval_records, to_uint8_images
+from .base import RewardOutput, check_batch, geneval_output, require_geneval_records, strict_weight, to_uint8_images
 from .geneval_rules import GENEVAL_COLORS, Detection, evaluate, filter_detections
 
 COCO_TO_GENEVAL = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard"}
@@ -65,7 +65,7 @@ class GenEvalReward:
 
     def __init__(self, detector: str = "facebook/mask2former-swin-small-coco-instance",
                  clip: str = "openai/clip-vit-large-patch14", class_names: str | None = None,
-                 device: str | None = None, batch_size: int = 8, strict: bool = False,
+                 device: str | None = None, batch_size: int = 8, strict: bool | float = False,
                  detector_backend: str = "transformers", mmdet_config: str | None = None):
         if detector_backend not in ("transformers", "mmdet"):
             raise ValueError(f"detector_backend must be 'transformers' or 'mmdet', got {detector_backend!r}")
@@ -75,7 +75,7 @@ class GenEvalReward:
         self.backend, self.mmdet_config = detector_backend, mmdet_config
         self.detector_id, self.clip_id, self.class_names = detector, clip, class_names
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.batch_size, self.strict = int(batch_size), strict
+        self.batch_size, self.strict = int(batch_size), strict_weight(strict, "geneval")
         self._detector = self._clip = None
         self._colour_text: dict[str, torch.Tensor] = {}
 
@@ -199,5 +199,5 @@ class GenEvalReward:
             score, strict, _ = evaluate(record, self.detections(image, record, inst))
             scores.append(score)
             stricts.append(float(strict))
-        score_t, strict_t = torch.tensor(scores, dtype=torch.float32), torch.tensor(stricts, dtype=torch.float32)
-        return RewardOutput(strict_t if self.strict else score_t, {"strict": strict_t, "score": score_t})
+        return geneval_output(torch.tensor(scores, dtype=torch.float32), torch.tensor(stricts, dtype=torch.float32),
+                              self.strict)

@@ -35,7 +35,7 @@ from scipy import ndimage
 
 from ..data.shapes import BACKGROUND, CLASSES, COLORS, MAX_SIZE, TAGS, shape_mask
 from ..errors import UserError
-from .base import RewardOutput, check_batch, require_geneval_records, to_uint8_images
+from .base import RewardOutput, check_batch, geneval_output, require_geneval_records, strict_weight, to_uint8_images
 from .geneval_rules import Detection, evaluate
 
 _NAMES = list(COLORS)
@@ -163,34 +163,35 @@ def _count(census: dict | None, blobs: int, clean: int) -> None:
         census["clean"] = census.get("clean", 0) + int(clean)
 
 
-def detect_batch(images, **kwargs) -> list[list[Detection]]:
-    """Detections for every image of a uint8 batch [B, H, W, 3] (numpy or torch)."""
-    images = to_uint8_images(images)
-    thr = kwargs.get("colour_threshold", 70.0)
-    labels = colour_labels(images, thr) if len(images) else []
-    return [detect(im, lab, **kwargs) for im, lab in zip(images, labels)]
-
-
 def score_images(images, records: list[dict], **kwargs) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """(scores float[B], strict bool[B], details per image) for uint8 images [B, H, W, 3]."""
+    """(scores float[B], strict bool[B], details per image) for uint8 images [B, H, W, 3] (numpy or torch).
+    Details: `evaluate`'s, plus the image's census "blobs" and "clean" (see `detect`)."""
     images = to_uint8_images(images)
     records = require_geneval_records(records)
     if len(images) != len(records):
         raise UserError(f"ShapeEval got {len(images)} images for {len(records)} records.")
+    labels = colour_labels(images, kwargs.get("colour_threshold", 70.0)) if len(images) else []
     scores, stricts, details = np.zeros(len(records)), np.zeros(len(records), dtype=bool), []
-    for i, (dets, rec) in enumerate(zip(detect_batch(images, **kwargs), records)):
-        scores[i], stricts[i], info = evaluate(rec, dets)
-        details.append(info)
+    for i, (image, lab, rec) in enumerate(zip(images, labels, records)):
+        census = {"blobs": 0, "clean": 0}
+        scores[i], stricts[i], info = evaluate(rec, detect(image, lab, census=census, **kwargs))
+        details.append({**info, **census})
     return scores, stricts, details
 
 
 class ShapeEvalReward:
-    """Reward protocol: scores = partial-credit GenEval score (or strict 0/1 with `strict=True`);
-    values = {"strict": 0/1, "score": partial credit}. Metadata records are required."""
+    """Reward protocol: scores = (1 - w) * partial-credit GenEval score + w * strict 0/1 - c * (1 - clean),
+    with w = `strict` (false = 0: the score alone; true = 1: strict alone), c = `clean` and clean = the
+    image's fraction of drawn blobs that are clean shapes (1 when it draws none; see `detect`'s census).
+    values = {"strict": 0/1, "score": partial credit, "clean": clean}. Metadata records are required."""
 
-    def __init__(self, strict: bool = False, min_area: int = 12, min_side: int = 4, max_side: int = MAX_SIDE,
-                 min_aspect: float = MIN_ASPECT, min_iou: float = 0.6, colour_threshold: float = 70.0) -> None:
-        self.strict = strict
+    def __init__(self, strict: bool | float = False, clean: float = 0.0, min_area: int = 12, min_side: int = 4,
+                 max_side: int = MAX_SIDE, min_aspect: float = MIN_ASPECT, min_iou: float = 0.6,
+                 colour_threshold: float = 70.0) -> None:
+        self.strict = strict_weight(strict, "shapeeval")
+        if isinstance(clean, bool) or not isinstance(clean, (int, float)) or clean < 0:
+            raise UserError(f"the shapeeval reward's parameter 'clean' must be a weight >= 0, got {clean!r}.")
+        self.clean = float(clean)
         self.detector_kwargs = {"min_area": min_area, "min_side": min_side, "max_side": max_side,
                                 "min_aspect": min_aspect, "min_iou": min_iou, "colour_threshold": colour_threshold}
 
@@ -198,10 +199,11 @@ class ShapeEvalReward:
         images = to_uint8_images(images)
         check_batch(images, prompts, metadata)
         records = require_geneval_records(list(metadata), list(prompts))
-        scores, stricts, _ = score_images(images, records, **self.detector_kwargs)
-        score_t = torch.from_numpy(scores).float()
-        strict_t = torch.from_numpy(stricts).float()
-        return RewardOutput(strict_t if self.strict else score_t, {"strict": strict_t, "score": score_t})
+        scores, stricts, details = score_images(images, records, **self.detector_kwargs)
+        clean = torch.tensor([d["clean"] / d["blobs"] if d["blobs"] else 1.0 for d in details])
+        out = geneval_output(torch.from_numpy(scores).float(), torch.from_numpy(stricts).float(), self.strict,
+                             clean=clean)
+        return RewardOutput(out.scores - self.clean * (1 - clean), out.values) if self.clean else out
 
 
 def evaluate_images(images, records: list[dict], **kwargs) -> dict:
@@ -212,8 +214,7 @@ def evaluate_images(images, records: list[dict], **kwargs) -> dict:
     half-widths (`udm_grpo.stats`; for clean_fraction, blobs are treated as independent)."""
     from ..stats import half_width, mean_of_groups_half_width
 
-    census: dict = {}
-    scores, stricts, _ = score_images(images, records, census=census, **kwargs)
+    scores, stricts, details = score_images(images, records, **kwargs)
     tags = [r.get("tag", "untagged") for r in records]
     per_tag = {}
     for tag in sorted(set(tags), key=lambda t: (TAGS.index(t) if t in TAGS else len(TAGS), t)):
@@ -227,7 +228,7 @@ def evaluate_images(images, records: list[dict], **kwargs) -> dict:
         overall[f"{key}_ci95"] = mean_of_groups_half_width([r[f"{key}_ci95"] for r in rows])
     overall["strict_images"] = float(stricts.mean()) if len(records) else 0.0
     overall["score_images"] = float(scores.mean()) if len(records) else 0.0
-    blobs, clean = census.get("blobs", 0), census.get("clean", 0)
+    blobs, clean = sum(d["blobs"] for d in details), sum(d["clean"] for d in details)
     overall["clean_fraction"] = clean / blobs if blobs else 0.0
     overall["clean_ci95"] = half_width(np.r_[np.ones(clean), np.zeros(blobs - clean)]) if blobs else 0.0
     overall["blobs"] = blobs

@@ -40,6 +40,21 @@ def test_reward_params_of_another_shape_replace_the_default(tmp_path):
     assert cfg.reward.params == {"shapeeval": {"strict": 0.5}}
 
 
+def test_a_layer_naming_another_reward_drops_the_params_below(tmp_path):
+    """Reward parameters belong to the reward named: the tiny-world layer's ShapeEval parameters do not leak
+    into a file or override that names another reward (and are kept by one that names the same)."""
+    base = tmp_path / "base.yaml"
+    base.write_text("reward:\n  name: shapeeval\n  params: {strict: true, clean: 0.5}\n")
+    paper = tmp_path / "paper.yaml"
+    paper.write_text("reward:\n  name: geneval\n  params: {}\n")
+    assert load_config([base, paper]).reward.params == {}
+    assert load_config([base], ["reward.name=pickscore"]).reward.params == {}
+    composed = load_config([base], ["reward.name=[shapeeval,clipscore]", "reward.weights=[1,0.5]"]).reward
+    assert composed.params == {} and composed.weights == [1, 0.5]
+    same = load_config([base], ["reward.name=shapeeval", "reward.params.clean=0"]).reward
+    assert same.params == {"strict": True, "clean": 0}
+
+
 def test_yaml_and_overrides_merge(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(

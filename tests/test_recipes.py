@@ -35,6 +35,7 @@ def test_recipes_hold_the_papers_settings_and_split_over_8_and_32_gpus(task):
     assert (t.lr, t.betas, t.weight_decay, cfg.reward.kl_beta, t.lr_warmup_steps) == (1e-6, [0.9, 0.95], 0.01, 0.05, 0)
     assert (cfg.model.dtype, t.mixed_precision, cfg.model.gradient_checkpointing) == ("bfloat16", "bf16", 1)
     assert cfg.reward.name == task and cfg.model.path == "BAAI/URSA-1.7B-IBQ512"
+    assert cfg.reward.params == {}  # the tiny world's ShapeEval parameters do not leak into the recipe
     for gpus in (8, 32):
         plan = plan_from_config(cfg, gpus)
         assert plan.images_per_process * gpus == 16 * RECIPES[task]

@@ -320,6 +320,16 @@ def _merge(base: Mapping, top: Mapping) -> dict:
     return out
 
 
+def _without_other_reward_params(merged: dict, layer: Mapping) -> dict:
+    """reward.params and reward.weights belong to reward.name: a layer naming another reward drops them."""
+    below, top = merged.get("reward"), layer.get("reward")
+    if not (isinstance(below, Mapping) and isinstance(top, Mapping) and "name" in top and "name" in below):
+        return merged
+    if top["name"] == below["name"]:
+        return merged
+    return {**merged, "reward": {k: v for k, v in below.items() if k not in ("params", "weights")}}
+
+
 def _flat_keys(data: Mapping, prefix: str = "") -> list[str]:
     keys = []
     for k, v in data.items():
@@ -384,7 +394,7 @@ def load_config(path: str | os.PathLike | Sequence[str | os.PathLike | None] | N
         layers.append(data)
     merged: dict = {}
     for layer in layers:
-        merged = _merge(merged, layer)
+        merged = _merge(_without_other_reward_params(merged, layer), layer)
     return config_from_dict(merged, origins, schema=schema)
 
 

@@ -312,8 +312,8 @@ def validate_config(config: Config) -> Config:
 
 
 def _merge(base: Mapping, top: Mapping) -> dict:
-    """`top` over `base`: mappings merge key by key, anything else (lists, scalars) replaces, even a mapping
-    (reward.params is a mapping for one reward and a list of them for several)."""
+    """`top` over `base`: two mappings merge key by key; anything else replaces what is below, whatever its
+    shape (a list over a mapping is then named by validation instead of failing inside a merge)."""
     out = dict(base)
     for k, v in top.items():
         out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v

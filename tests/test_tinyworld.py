@@ -1,7 +1,10 @@
 """The tiny world: deterministic pretraining, the shipped base model, `sample` and `eval shapes`."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,10 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from udm_grpo.cli import main
-from udm_grpo.data.prompts import balance_tags
 from udm_grpo.data.shapes import generate_records
 from udm_grpo.models.pipeline import URSAPipeline
-from udm_grpo.tinyworld import SHIPPED_MODEL, SamplingDefaults, evaluate_shapes
+from udm_grpo.tinyworld import SHIPPED_MODEL
 
 SMALL = ["steps=2", "tokenizer_images=40", "codebook_size=32", "hidden_size=32", "intermediate_size=64",
          "num_hidden_layers=1", "num_attention_heads=2", "num_key_value_heads=1", "head_dim=16",
@@ -46,14 +48,37 @@ def test_shipped_model_loads_and_generates():
     assert size < 30 * 2**20
 
 
+QUICK_EVAL = """
+import json, os, torch
+from udm_grpo.data.prompts import balance_tags
+from udm_grpo.data.shapes import generate_records
+from udm_grpo.models.pipeline import URSAPipeline
+from udm_grpo.tinyworld import SHIPPED_MODEL, SamplingDefaults, evaluate_shapes
+torch.set_num_threads(min(2, os.cpu_count() or 1))  # as tests/conftest.py
+record = json.loads((SHIPPED_MODEL / "base_eval.json").read_text())["quick"]
+records = balance_tags(generate_records("test"), record["images_per_tag"])
+summary, _ = evaluate_shapes(URSAPipeline.from_pretrained(SHIPPED_MODEL), records, 1, record["seed"],
+                             SamplingDefaults(**record["sampling"]))
+print(json.dumps({"level": torch.backends.cpu.get_cpu_capability(), "summary": summary}))
+"""
+RUNS = {"AVX512": {"AVX512", "AVX2", "DEFAULT"}, "AVX2": {"AVX2", "DEFAULT"}}  # kernel levels a CPU can select
+
+
 @shipped
 def test_shipped_model_reproduces_recorded_accuracy():
-    """base_eval.json is what the current code computes (its quick subset, exactly): a change to the
-    sampler, RNG use or ShapeEval must re-record it (`udm-grpo pretrain --rescore -o <model>`)."""
+    """base_eval.json is what the current code computes (its quick subset, exactly, at the CPU kernel level it
+    was recorded at, forced with ATEN_CPU_CAPABILITY in a fresh process): a change to the sampler, RNG use or
+    ShapeEval must re-record it (`udm-grpo pretrain --rescore -o <model>`)."""
     record = json.loads((SHIPPED_MODEL / "base_eval.json").read_text())["quick"]
-    pipe = URSAPipeline.from_pretrained(SHIPPED_MODEL)
-    records = balance_tags(generate_records("test"), record["images_per_tag"])
-    summary, _ = evaluate_shapes(pipe, records, 1, record["seed"], SamplingDefaults(**record["sampling"]))
+    level = record["cpu_capability"]
+    native = torch.backends.cpu.get_cpu_capability()
+    if level not in RUNS.get(native, {native, "DEFAULT"}):
+        pytest.skip(f"base_eval.json was recorded with {level} kernels, which this CPU ({native}) cannot run")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": level.lower()}
+    run = subprocess.run([sys.executable, "-c", QUICK_EVAL], env=env, capture_output=True, text=True, check=True)
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["level"] == level
+    summary = out["summary"]
     for tag, row in record["per_tag"].items():
         got = summary["per_tag"][tag]
         assert (got["strict"], got["n"]) == (row["strict"], row["n"]), tag

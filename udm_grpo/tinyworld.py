@@ -189,11 +189,15 @@ def pretrain(pipe: URSAPipeline, cfg: TinyWorldConfig, log=print, progress: bool
 def record_base_eval(pipe: URSAPipeline, sampling: SamplingDefaults, images_per_tag: int = 64) -> dict:
     """The accuracy recorded with a model (`base_eval.json`) on the test split at seed 0: "full" with
     `images_per_tag` images per tag and "quick" with 16 (what the tests re-check; also the trainer's
-    held-out set). Small tags repeat their prompts (see `data.prompts.balance_tags`)."""
+    held-out set). Small tags repeat their prompts (see `data.prompts.balance_tags`). Each records torch's CPU
+    kernel level (`cpu_capability`, e.g. "AVX2"): the draws depend on the kernels, so another level gives other
+    (equally valid) figures; `ATEN_CPU_CAPABILITY=avx2` selects that level on a CPU that has it."""
     from .data.prompts import balance_tags
 
     out = {}
+    level = torch.backends.cpu.get_cpu_capability()
     for name, n in (("full", images_per_tag), ("quick", 16)):
         summary, _ = evaluate_shapes(pipe, balance_tags(generate_records("test"), n), 1, 0, sampling, progress=True)
-        out[name] = {"split": "test", "images_per_tag": n, "seed": 0, "sampling": vars(sampling), **summary}
+        out[name] = {"split": "test", "images_per_tag": n, "seed": 0, "sampling": vars(sampling),
+                     "cpu_capability": level, **summary}
     return out

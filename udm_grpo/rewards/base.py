@@ -54,10 +54,9 @@ def strict_weight(value: Any, reward: str) -> float:
                     f"got {value!r}.")
 
 
-def geneval_output(score: torch.Tensor, strict: torch.Tensor, weight: float, **values: torch.Tensor) -> RewardOutput:
-    """RewardOutput with scores (1 - weight) * score + weight * strict and values {strict, score, **values}."""
-    scores = strict if weight == 1 else score if weight == 0 else (1 - weight) * score + weight * strict
-    return RewardOutput(scores, {"strict": strict, "score": score, **values})
+def blend_strict(score: torch.Tensor, strict: torch.Tensor, weight: float) -> torch.Tensor:
+    """(1 - weight) * score + weight * strict: Float[B] from partial credit and strict 0/1, both Float[B]."""
+    return (1 - weight) * score + weight * strict
 
 
 def to_uint8_images(images: Any) -> np.ndarray:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, ConfigError, UserError
-from .base import RewardOutput, check_batch, geneval_output, require_geneval_records, strict_weight, to_uint8_images
+from .base import RewardOutput, blend_strict, check_batch, require_geneval_records, strict_weight, to_uint8_images
 from .geneval_rules import GENEVAL_COLORS, Detection, evaluate, filter_detections
 
 COCO_TO_GENEVAL = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard"}
@@ -199,5 +199,5 @@ class GenEvalReward:
             score, strict, _ = evaluate(record, self.detections(image, record, inst))
             scores.append(score)
             stricts.append(float(strict))
-        return geneval_output(torch.tensor(scores, dtype=torch.float32), torch.tensor(stricts, dtype=torch.float32),
-                              self.strict)
+        score_t, strict_t = torch.tensor(scores, dtype=torch.float32), torch.tensor(stricts, dtype=torch.float32)
+        return RewardOutput(blend_strict(score_t, strict_t, self.strict), {"strict": strict_t, "score": score_t})

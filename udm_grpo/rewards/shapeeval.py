@@ -35,7 +35,7 @@ from scipy import ndimage
 
 from ..data.shapes import BACKGROUND, CLASSES, COLORS, MAX_SIZE, TAGS, shape_mask
 from ..errors import UserError
-from .base import RewardOutput, check_batch, geneval_output, require_geneval_records, strict_weight, to_uint8_images
+from .base import RewardOutput, blend_strict, check_batch, require_geneval_records, strict_weight, to_uint8_images
 from .geneval_rules import Detection, evaluate
 
 _NAMES = list(COLORS)
@@ -200,10 +200,10 @@ class ShapeEvalReward:
         check_batch(images, prompts, metadata)
         records = require_geneval_records(list(metadata), list(prompts))
         scores, stricts, details = score_images(images, records, **self.detector_kwargs)
+        score_t, strict_t = torch.from_numpy(scores).float(), torch.from_numpy(stricts).float()
         clean = torch.tensor([d["clean"] / d["blobs"] if d["blobs"] else 1.0 for d in details])
-        out = geneval_output(torch.from_numpy(scores).float(), torch.from_numpy(stricts).float(), self.strict,
-                             clean=clean)
-        return RewardOutput(out.scores - self.clean * (1 - clean), out.values) if self.clean else out
+        return RewardOutput(blend_strict(score_t, strict_t, self.strict) - self.clean * (1 - clean),
+                            {"strict": strict_t, "score": score_t, "clean": clean})
 
 
 def evaluate_images(images, records: list[dict], **kwargs) -> dict:

@@ -1,0 +1,32 @@
+"""benchmarks/diag_position.py: its record variants, checked on rendered scenes whose truth is known."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from udm_grpo.data.shapes import generate_records, render_batch
+from udm_grpo.rewards.shapeeval import score_images
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "diag_position.py"
+
+
+def test_variants_split_a_position_prompt_into_its_parts():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        from diag_position import variant
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    records = [r for r in generate_records("test") if r["tag"] == "position"][:8]
+    images = render_batch(records, np.random.default_rng(0))  # each render satisfies its record
+    ok = {m: score_images(images, [variant(r, m) for r in records])[1] for m in ("classes", "objects", "reversed")}
+    assert score_images(images, records)[1].all()
+    assert ok["classes"].all() and ok["objects"].all() and not ok["reversed"].any()
+    # The variants drop or flip the relation and colours only; the record itself is left as it was.
+    reversed_ = variant(records[0], "reversed")
+    rel = next(c["position"] for c in records[0]["include"] if "position" in c)
+    flipped = next(c["position"] for c in reversed_["include"] if "position" in c)
+    assert flipped[1] == rel[1] and {rel[0], flipped[0]} in ({"left of", "right of"}, {"above", "below"})
+    assert all("position" not in c for c in variant(records[0], "objects")["include"])
+    assert all("color" not in c and "position" not in c for c in variant(records[0], "classes")["include"])
+    assert any("color" in c for c in records[0]["include"])

@@ -1,22 +1,15 @@
 """benchmarks/diag_position.py: its record variants, checked on rendered scenes whose truth is known."""
 
-import sys
-from pathlib import Path
-
 import numpy as np
 
 from udm_grpo.data.shapes import generate_records, render_batch
 from udm_grpo.rewards.shapeeval import score_images
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "diag_position.py"
+from .benchmark_scripts import load_benchmark
 
 
 def test_variants_split_a_position_prompt_into_its_parts():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        from diag_position import variant
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    variant = load_benchmark("diag_position").variant
     records = [r for r in generate_records("test") if r["tag"] == "position"][:8]
     images = render_batch(records, np.random.default_rng(0))  # each render satisfies its record
     ok = {m: score_images(images, [variant(r, m) for r in records])[1] for m in ("classes", "objects", "reversed")}

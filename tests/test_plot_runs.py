@@ -7,15 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "plot_runs.py"
+from .benchmark_scripts import BENCHMARKS, load_benchmark
+
+SCRIPT = BENCHMARKS / "plot_runs.py"
 
 
 def test_rolling_mean_matches_a_trailing_window():
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        from plot_runs import rolling_mean
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
+    rolling_mean = load_benchmark("plot_runs").rolling_mean
     values = list(np.random.default_rng(0).random(12))
     got = rolling_mean(values, 4)
     want = [np.mean(values[max(0, i - 3) : i + 1]) for i in range(12)]

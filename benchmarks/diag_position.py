@@ -4,7 +4,8 @@ Samples N images for the test split's position prompts (as `eval shapes --per-ta
 default sampling) and re-scores the same images against variants of each record:
 
 - both classes:  the two named classes are drawn (colours and relation ignored), as a two-object prompt;
-- both objects:  both named objects with their named colours (relation ignored), as a color_attr prompt;
+- both objects:  both named objects with their named colours (relation ignored), as a color_attr prompt
+  (the same as "both classes" for the tiny world's uncoloured position prompts);
 - relation right | both objects: the fraction of those whose relation holds (= strict / both objects);
 - reversed | both objects: the fraction whose opposite relation holds. Chance is where "right" and
   "reversed" are equal; the rest have the objects too close on the asked axis for GenEval's rule.

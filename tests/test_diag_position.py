@@ -1,5 +1,7 @@
 """benchmarks/diag_position.py: its record variants, checked on rendered scenes whose truth is known."""
 
+import copy
+
 import numpy as np
 
 from udm_grpo.data.shapes import generate_records, render_batch
@@ -16,10 +18,14 @@ def test_variants_split_a_position_prompt_into_its_parts():
     assert score_images(images, records)[1].all()
     assert ok["classes"].all() and ok["objects"].all() and not ok["reversed"].any()
     # The variants drop or flip the relation and colours only; the record itself is left as it was.
+    include = [{**c, "color": col} for c, col in zip(records[0]["include"], ("red", "blue"))]
+    coloured = {**records[0], "include": include}
+    original = copy.deepcopy(coloured)
+    assert all("color" in c for c in variant(coloured, "objects")["include"])
+    assert all("color" not in c and "position" not in c for c in variant(coloured, "classes")["include"])
+    assert coloured == original
     reversed_ = variant(records[0], "reversed")
     rel = next(c["position"] for c in records[0]["include"] if "position" in c)
     flipped = next(c["position"] for c in reversed_["include"] if "position" in c)
     assert flipped[1] == rel[1] and {rel[0], flipped[0]} in ({"left of", "right of"}, {"above", "below"})
     assert all("position" not in c for c in variant(records[0], "objects")["include"])
-    assert all("color" not in c and "position" not in c for c in variant(records[0], "classes")["include"])
-    assert any("color" in c for c in records[0]["include"])

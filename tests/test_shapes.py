@@ -5,9 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from udm_grpo.data.geneval_prompts import article
 from udm_grpo.data.shapes import (
     BACKGROUND,
+    CLASSES,
     COLORS,
+    RELATIONS,
     TAGS,
     generate_records,
     read_metadata_jsonl,
@@ -27,7 +30,7 @@ def test_split_fixed_disjoint_and_covering_every_tag():
     train_p, test_p = {r["prompt"] for r in train}, {r["prompt"] for r in test}
     assert not train_p & test_p
     assert len(train_p) == len(train) and len(test_p) == len(test)  # no duplicate prompts
-    assert 100 <= len(test) <= 400
+    assert 60 <= len(test) <= 400
     assert set(Counter(r["tag"] for r in test)) == set(TAGS) == set(Counter(r["tag"] for r in train))
     # independent of the seed, identical across calls
     assert generate_records("test", None, 123) == test
@@ -58,15 +61,18 @@ def test_geneval_schema_and_phrasing():
     prompts = {r["prompt"]: r for r in records}
     for p in ["a photo of a circle", "a photo of a circle and a square", "a photo of three squares",
               "a photo of a red circle", "a photo of an orange square",
-              "a photo of a square left of a circle", "a photo of a blue square left of a green triangle",
+              "a photo of a square left of a circle",
               "a photo of a red circle and a blue square"]:
         assert p in prompts, p
     r = prompts["a photo of three squares"]
     assert r == {"tag": "counting", "include": [{"class": "square", "count": 3}],
                  "exclude": [{"class": "square", "count": 4}], "prompt": "a photo of three squares"}
-    r = prompts["a photo of a blue square left of a green triangle"]
-    assert r["include"] == [{"class": "triangle", "count": 1, "color": "green"},
-                            {"class": "square", "count": 1, "color": "blue", "position": ["left of", 0]}]
+    r = prompts["a photo of a square left of a circle"]
+    assert r["include"] == [{"class": "circle", "count": 1},
+                            {"class": "square", "count": 1, "position": ["left of", 0]}]
+    # position asks for the relation alone, as GenEval: one prompt per ordered class pair and relation
+    assert {p for p, r in prompts.items() if r["tag"] == "position"} == {
+        f"a photo of {article(s)} {rel} {article(t)}" for s in CLASSES for t in CLASSES if s != t for rel in RELATIONS}
     for rec in records:
         assert set(rec) <= {"tag", "include", "exclude", "prompt"} and rec["tag"] in TAGS
         assert ("exclude" in rec) == (rec["tag"] == "counting")

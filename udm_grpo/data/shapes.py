@@ -12,8 +12,8 @@ two distinct colours):
 - two_object     "a photo of a circle and a square"
 - counting       "a photo of three squares"            (2-4; excludes count + 1)
 - colors         "a photo of a red circle"
-- position       "a photo of a square left of a circle" (GenEval) and the tiny-world extension
-                 "a photo of a blue square left of a green triangle" (both clauses coloured)
+- position       "a photo of a square left of a circle" (uncoloured, as GenEval: position asks for the
+                 relation alone; binding colours to objects is color_attr's test)
 - color_attr     "a photo of a red circle and a blue square"
 
 The prompt space is finite. The split is fixed (independent of any seed): within each tag, prompts
@@ -85,13 +85,9 @@ def _enumerate() -> dict[str, list[dict]]:
     for c, col in itertools.product(CLASSES, COLORS):
         out["colors"].append({"tag": "colors", "include": [_clause(c, 1, col)],
                               "prompt": f"a photo of {_named(c, col)}"})
-    colour_options = [(None, None)] + cpairs
-    for (target, subject), rel, (ct, cs) in itertools.product(pairs, RELATIONS, colour_options):
-        out["position"].append({
-            "tag": "position",
-            "include": [_clause(target, 1, ct), _clause(subject, 1, cs, (rel, 0))],
-            "prompt": f"a photo of {_named(subject, cs)} {rel} {_named(target, ct)}",
-        })
+    for (target, subject), rel in itertools.product(pairs, RELATIONS):
+        out["position"].append({"tag": "position", "include": [_clause(target), _clause(subject, 1, None, (rel, 0))],
+                                "prompt": f"a photo of {_a(subject)} {rel} {_a(target)}"})
     for (a, b), (ca, cb) in itertools.product(pairs, cpairs):
         out["color_attr"].append({"tag": "color_attr", "include": [_clause(a, 1, ca), _clause(b, 1, cb)],
                                   "prompt": f"a photo of {_named(a, ca)} and {_named(b, cb)}"})

@@ -209,10 +209,10 @@ def test_evaluate_images_summary():
     summary = evaluate_images(images, records)
     assert list(summary["per_tag"]) == list(TAGS)
     assert summary["per_tag"]["single_object"]["strict"] == 0.0
-    # 95% Agresti-Coull half-width of 80 successes in 80: p' = 82/84 over n + 4 = 84 draws
-    h = 1.959964 * (82 / 84 * 2 / 84 / 84) ** 0.5
-    assert summary["per_tag"]["position"] == pytest.approx({"strict": 1.0, "score": 1.0, "n": 80,
-                                                           "strict_ci95": h, "score_ci95": h})
+    # 95% Agresti-Coull half-width of 60 successes in 60: p' = 62/64 over n + 4 = 64 draws
+    h = 1.959964 * (62 / 64 * 2 / 64 / 64) ** 0.5
+    assert summary["per_tag"]["color_attr"] == pytest.approx({"strict": 1.0, "score": 1.0, "n": 60,
+                                                             "strict_ci95": h, "score_ci95": h})
     overall = summary["overall"]
     one_per_tag = [row["strict_ci95"] for row in summary["per_tag"].values()]
     assert overall["strict_ci95"] == pytest.approx(sum(x * x for x in one_per_tag) ** 0.5 / len(TAGS))

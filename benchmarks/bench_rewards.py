@@ -42,7 +42,8 @@ def main() -> None:
     n = args.images
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n, 512, 512, 3), dtype=np.uint8)
-    records = [generate_records("test")[i % 10] for i in range(n)]
+    test = generate_records("test")
+    records = [test[i % 10] for i in range(n)]
     with tempfile.TemporaryDirectory() as tmp:
         clip = args.clip or str(build_tiny_clip(Path(tmp)))
         cases = {
@@ -85,7 +86,8 @@ def service_overhead(n: int = 64) -> None:
     from udm_grpo.rewards import build_reward
     from udm_grpo.rewards.service import RemoteReward, create_app
 
-    records = [generate_records("test")[i % 100] for i in range(n)]
+    test = generate_records("test")
+    records = [test[i % len(test)] for i in range(n)]
     small, prompts = render_batch(records, np.random.default_rng(0)), [r["prompt"] for r in records]
     large = small.repeat(8, axis=1).repeat(8, axis=2)  # the same scenes at 512x512
     token = "benchmark-token-0123456789"

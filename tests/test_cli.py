@@ -75,7 +75,7 @@ def test_partial_config_is_layered_on_the_tiny_world(tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["train", "--steps", "-5"], "--steps must be a positive integer, got -5"),
+    (["train", "--steps", "-5"], "argument --steps: expected an integer >= 1, got '-5'"),
     (["train", "--resume", "/nonexistent/run"], "--resume /nonexistent/run: no such folder"),
     (["train", "--check", "reward.name=nope"], "'reward.name' is 'nope'"),
     (["train", "--check", "reward.params={colour: 1}"], "reward.params"),

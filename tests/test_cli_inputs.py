@@ -63,7 +63,7 @@ def test_sample_warns_once_about_unknown_words(tmp_path, capsys):
     assert main(["sample", "a photo of a zebra", "a dog and a zebra", *FAST, "-o", str(out)]) == 0
     line = error_line(capsys)
     assert "warning" in line and "'zebra'" in line and "'dog'" in line
-    assert main(["sample", "a photo of a red circle", *FAST, "-o", str(out)]) == 0
+    assert main(["sample", "a photo of a red circle", *FAST, "-o", str(out), "--force"]) == 0
     assert "warning" not in capsys.readouterr().err
 
 
@@ -118,10 +118,10 @@ def test_eval_records_checkpoint_and_step(tmp_path):
     result = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert result["checkpoint"] == str(ckpts / "step-000005") and result["checkpoint_step"] == 5
     assert main(["eval", "shapes", "--metadata", str(meta), *FAST, "--checkpoint", str(ckpts / "step-000002"),
-                 "-o", str(tmp_path / "ev")]) == 0
+                 "-o", str(tmp_path / "ev"), "--force"]) == 0
     result = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert result["checkpoint"] == str(ckpts / "step-000002") and result["checkpoint_step"] == 2
-    assert main(["eval", "shapes", "--metadata", str(meta), *FAST, "-o", str(tmp_path / "ev")]) == 0
+    assert main(["eval", "shapes", "--metadata", str(meta), *FAST, "-o", str(tmp_path / "ev"), "--force"]) == 0
     result = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert result["checkpoint"] is None and result["checkpoint_step"] is None
 

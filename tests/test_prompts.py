@@ -9,7 +9,7 @@ import pytest
 from udm_grpo.data import prompts
 from udm_grpo.data.prompts import PromptStream, balance_tags, load_prompts, shard, shard_range
 from udm_grpo.errors import UserError
-from udm_grpo.grpo.trainer import eval_records
+from udm_grpo.grpo.evaluation import eval_records
 
 RECORDS = [{"prompt": f"p{i}", "tag": t} for i, t in enumerate("aaaaabbc")]
 

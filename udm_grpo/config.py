@@ -340,19 +340,16 @@ def _flat_keys(data: Mapping, prefix: str = "") -> list[str]:
 
 
 def _read_yaml(path: str) -> dict:
-    if not os.path.exists(path):
-        raise ConfigError(f"config file '{path}' does not exist.")
-    if os.path.isdir(path):
-        raise ConfigError(f"config file '{path}' is a directory, not a YAML file.")
+    from .textfiles import read_text
+
+    text = read_text(path, "config file", ConfigError)
     try:
-        loaded = OmegaConf.load(path)
+        loaded = OmegaConf.create(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError(f"config file '{path}' is not valid YAML{line}: {problem}.") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file '{path}' cannot be read: {e}.") from None
     data = OmegaConf.to_container(loaded, resolve=False)
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping of sections (model, sampling, ...) at the top.")
@@ -399,11 +396,10 @@ def load_config(path: str | os.PathLike | Sequence[str | os.PathLike | None] | N
 
 
 def save_resolved(config, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML (creates parent folders)."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(OmegaConf.to_yaml(OmegaConf.create(config_to_dict(config))))
+    """Write the resolved config as YAML, atomically (creates parent folders)."""
+    from .outputs import write_text_atomic
+
+    write_text_atomic(path, OmegaConf.to_yaml(OmegaConf.create(config_to_dict(config))))
 
 
 def describe_schema() -> list[tuple[str, Any, str, str]]:

@@ -21,6 +21,7 @@ prompt); the main process summarises from the per-prompt files, so no tensors ar
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .outputs import LOCK_NAME, FolderLock, check_not_in_use, check_output, holds_files, write_text_atomic
 from .stats import half_width, mean_of_groups_half_width
 
 CONFIG, DONE, SCORES, META = "eval_config.json", "done.json", "scores.json", "metadata.jsonl"
@@ -100,12 +102,6 @@ def records_digest(records: list[dict]) -> str:
     return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text())
@@ -114,13 +110,12 @@ def _read_json(path: Path):
 
 
 # ---- the output folder ------------------------------------------------------------------------------
-def check_output(out: Path, config: dict, force: bool, rescore: bool) -> bool:
+def check_suite_output(out: Path, config: dict, force: bool, rescore: bool) -> bool:
     """Whether `out` must be emptied first (it holds files and `force` is given). UserError (one sentence)
     when it holds files that are not an evaluation with the same sampling settings, or that were scored
     with other settings and `rescore` is not given. Read-only, so every process can run it."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output {out} is a file, not a folder; choose a folder with -o.")
-    if not (out.exists() and any(out.iterdir())):
+    check_output(out, "folder", exists_ok=True)
+    if not holds_files(out):
         return False
     if force:
         return True
@@ -141,18 +136,23 @@ def check_output(out: Path, config: dict, force: bool, rescore: bool) -> bool:
     return False
 
 
-def prepare_output(out: Path, config: dict, force: bool, rescore: bool, procs: Processes) -> None:
-    """`check_output` on every process, then the main process empties the folder when needed and records
-    `config`; the others wait for it."""
-    clear = check_output(out, config, force, rescore)
+def prepare_output(out: Path, config: dict, force: bool, rescore: bool, procs: Processes):
+    """`check_suite_output` on every process, then the main process locks the folder (`FolderLock`, returned to
+    be released when the evaluation ends; a null context on the other processes), empties it when needed
+    (keeping the lock) and records `config`; the others wait for it."""
+    clear = check_suite_output(out, config, force, rescore)
     procs.barrier()
+    lock = contextlib.nullcontext()
     if procs.is_main:
+        check_not_in_use(out)
+        lock = FolderLock(out).acquire()
         if clear:
             for item in out.iterdir():
-                shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / CONFIG, json.dumps(config, indent=2) + "\n")
+                if item.name != LOCK_NAME:
+                    shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+        write_text_atomic(out / CONFIG, json.dumps(config, indent=2) + "\n")
     procs.barrier()
+    return lock
 
 
 # ---- sampling ---------------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def sample_to_folder(pipe, records: list[dict], out: Path, images_per_prompt: in
         folder = prompt_dir(out, i)
         folder.mkdir(parents=True, exist_ok=True)
         _reset_prompt(folder)
-        write_atomic(folder / META, json.dumps(records[i]) + "\n")
+        write_text_atomic(folder / META, json.dumps(records[i]) + "\n")
         (folder / "samples").mkdir()
         gen = torch.Generator(device=pipe.device).manual_seed(seed + i)
         k = 0
@@ -200,7 +200,7 @@ def sample_to_folder(pipe, records: list[dict], out: Path, images_per_prompt: in
                 Image.fromarray(im).save(tmp, format="PNG")
                 tmp.replace(folder / "samples" / image_name(k))
                 k += 1
-        write_atomic(folder / DONE, json.dumps({"images": images_per_prompt, "seed": seed + i}) + "\n")
+        write_text_atomic(folder / DONE, json.dumps({"images": images_per_prompt, "seed": seed + i}) + "\n")
     return len(todo)
 
 
@@ -238,7 +238,7 @@ def score_folder(make_reward, records: list[dict], out: Path, images_per_prompt:
         values = result.values or {"score": result.scores}
         rows = [{"file": f"samples/{image_name(k)}", "score": result.scores[k].item(),
                  "values": {name: v[k].item() for name, v in values.items()}} for k in range(images_per_prompt)]
-        write_atomic(folder / SCORES, json.dumps({"scoring": scoring, "images": rows}, indent=1) + "\n")
+        write_text_atomic(folder / SCORES, json.dumps({"scoring": scoring, "images": rows}, indent=1) + "\n")
     return len(todo)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .common import guidance_float, positive_int
 from .train import DEFAULT_CONFIG
 
 
@@ -12,8 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides shared by all variants")
     p.add_argument("--config", default=None, help=f"YAML run config layered on {DEFAULT_CONFIG.name}")
     p.add_argument("-o", "--output", default="runs/ablation", help="folder for the runs, table and plot")
-    p.add_argument("--steps", type=int, default=40, help="optimiser steps per variant (default 40)")
-    p.add_argument("--cfg-scale", type=float, default=3.0, help="rollout guidance of the CFG variants")
+    p.add_argument("--steps", type=positive_int, default=40, help="optimiser steps per variant (default 40)")
+    p.add_argument("--cfg-scale", type=guidance_float, default=3.0, help="rollout guidance of the CFG variants")
     p.add_argument("--variants", nargs="+", default=None, help="a subset of the ladder")
     p.add_argument("--force", action="store_true", help="replace earlier runs in the output folder")
 
@@ -21,12 +22,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from ..errors import UserError
     from ..grpo.ablation import VARIANTS, run_ablation
+    from ..outputs import check_output
 
     unknown = [v for v in args.variants or [] if v not in VARIANTS]
     if unknown:
         raise UserError(f"unknown variant '{unknown[0]}'; choose from {', '.join(VARIANTS)}.")
-    if args.steps < 1:
-        raise UserError(f"--steps must be >= 1, got {args.steps}.")
+    check_output(args.output, "folder", exists_ok=True)  # each variant's run folder is checked by run_ablation
     run_ablation([DEFAULT_CONFIG, args.config], args.overrides, Path(args.output), args.steps, args.cfg_scale,
                  args.variants, force=args.force)
     print((Path(args.output) / "ablation.md").read_text())

@@ -8,6 +8,35 @@ from pathlib import Path
 from ..errors import UserError
 
 
+def _number(kind, text: str, low: float | None, what: str):
+    """argparse type: `kind(text)`, finite and >= `low`; ArgumentTypeError (exit 2, one line) otherwise."""
+    import math
+
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not math.isfinite(value) or (low is not None and value < low):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(int, text, 1, "an integer >= 1")
+
+
+def nonnegative_int(text: str) -> int:
+    return _number(int, text, 0, "an integer >= 0")
+
+
+def finite_float(text: str) -> float:
+    return _number(float, text, None, "a finite number")
+
+
+def guidance_float(text: str) -> float:
+    return _number(float, text, 1.0, "a finite guidance scale >= 1")
+
+
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="pipeline folder in the URSA layout or a hub id such as BAAI/URSA-1.7B-IBQ512 "
@@ -61,6 +90,21 @@ def load_pipeline(model: str | None, device: str = "cpu", checkpoint: str | None
     return URSAPipeline.from_pretrained(model or folder, device=device, transformer=transformer)
 
 
+def read_sources(model: str | None, checkpoint: str | None, run: bool = False) -> list[Path]:
+    """The folders a `--model` / `--checkpoint` command reads, for `outputs.check_output`: the model folder (the
+    shipped tiny world when none is named) and the checkpoint folder, or with `run` its whole run folder."""
+    from ..grpo.checkpoint import checkpoint_folder, run_folder_of
+    from ..tinyworld import SHIPPED_MODEL
+
+    if model is None and checkpoint:
+        model = run_model(checkpoint)
+    sources = [Path(model) if model else SHIPPED_MODEL]
+    if checkpoint:
+        folder = checkpoint_folder(checkpoint)
+        sources.append((run_folder_of(folder) if run else None) or folder)
+    return sources
+
+
 def run_model(checkpoint: str) -> str | None:
     """`model.path` of the udm-grpo run that `checkpoint` belongs to (from its config.yaml), so that
     `--checkpoint RUN` alone evaluates on the model the run trained; None for the tiny world or other layouts."""
@@ -82,20 +126,17 @@ def sampling_arguments(parser: argparse.ArgumentParser) -> None:
     from ..tinyworld import SamplingDefaults
 
     d = SamplingDefaults()
-    parser.add_argument("--steps", type=int, default=d.num_inference_steps, help="sampling steps")
-    parser.add_argument("--guidance", type=float, default=d.guidance_scale, help="classifier-free guidance scale")
-    parser.add_argument("--guidance-trunc", type=float, default=d.guidance_trunc,
+    parser.add_argument("--steps", type=positive_int, default=d.num_inference_steps, help="sampling steps")
+    parser.add_argument("--guidance", type=guidance_float, default=d.guidance_scale,
+                        help="classifier-free guidance scale (>= 1; 1 = no guidance)")
+    parser.add_argument("--guidance-trunc", type=finite_float, default=d.guidance_trunc,
                         help="apply guidance only while t < this")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
 
 
 def sampling_from_args(args):
     from ..tinyworld import SamplingDefaults
 
-    if args.steps < 1:
-        raise UserError(f"--steps must be >= 1, got {args.steps}.")
-    if args.guidance < 1:
-        raise UserError(f"--guidance must be >= 1, got {args.guidance}.")
     return SamplingDefaults(args.steps, args.guidance, args.guidance_trunc)
 
 

@@ -8,6 +8,10 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
+from ..outputs import atomic_file, check_output
+from .common import nonnegative_int, positive_int
+
+MAX_PROMPTS = 10_000_000  # about 1.5 GB and 90 s; more is a mistake, not a data set
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,8 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        description="Write N GenEval-schema training records (one JSON object per line, GenEval's "
                        "phrasing), split over tags by a mix, in an order fixed by the seed.")
     g.add_argument("-o", "--output", required=True, help="output .jsonl file")
-    g.add_argument("-n", "--num-prompts", type=int, default=50000, help="number of records (default 50000)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same file")
+    g.add_argument("-n", "--num-prompts", type=positive_int, default=50000,
+                   help=f"number of records (default 50000, at most {MAX_PROMPTS:,})")
+    g.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default 0); same seed, same file")
     g.add_argument("--exclude", metavar="EVAL_METADATA",
                    help="GenEval's evaluation_metadata.jsonl (or a .jsonl/.txt prompt file): its prompts are left out")
     default_mix = ",".join(f"{t}={w}" for t, w in TAG_MIX.items())
@@ -60,27 +65,20 @@ def parse_mix(text: str) -> dict[str, float]:
 
 
 def write_jsonl(lines, out: Path) -> None:
-    """Write lines to `out` through `out`.tmp, renamed when complete (removed on failure)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        with tmp.open("w", encoding="utf-8", newline="\n") as f:
-            for line in lines:
-                f.write(line + "\n")
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write lines to `out` through `outputs.atomic_file` (whole or not at all)."""
+    with atomic_file(out) as tmp, tmp.open("w", encoding="utf-8", newline="\n") as f:
+        for line in lines:
+            f.write(line + "\n")
 
 
 def run_geneval(args) -> int:
     from ..data.geneval_prompts import SPACE, TAGS, excluded_by_tag, generate, record_line
     from ..data.prompts import load_prompts
 
-    out = Path(args.output)
-    if out.exists() and not args.force:
-        raise UserError(f"output file {out} already exists; pass --force to replace it.")
-    if out.is_dir():
-        raise UserError(f"output {out} is a folder; name a .jsonl file.")
+    if args.num_prompts > MAX_PROMPTS:
+        raise UserError(f"-n {args.num_prompts:,} is over the {MAX_PROMPTS:,} records this command writes (about "
+                        f"150 bytes each); GenEval's grammar has {sum(SPACE.values()):,} distinct prompts.")
+    out = check_output(args.output, "file", args.force, sources=[args.exclude])
     exclude: list[str] = []
     if args.exclude:
         exclude = [r["prompt"] for r in load_prompts(args.exclude)]

@@ -8,7 +8,16 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from .common import add_model_argument, load_pipeline, sampling_arguments, sampling_from_args, warn_unknown_words
+from ..outputs import check_output, write_text_atomic
+from .common import (
+    add_model_argument,
+    load_pipeline,
+    positive_int,
+    read_sources,
+    sampling_arguments,
+    sampling_from_args,
+    warn_unknown_words,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,13 +27,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        "results.json (strict accuracy and mean score per tag and overall) and grid.png.")
     s.add_argument("--split", choices=["train", "test"], default="test")
     s.add_argument("--metadata", help="GenEval-schema JSONL file to evaluate instead of a split")
-    s.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts")
-    s.add_argument("-n", "--images-per-prompt", type=int, default=None, help="images per prompt (default 4)")
-    s.add_argument("--per-tag", type=int, default=None, metavar="N",
+    s.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N prompts")
+    s.add_argument("-n", "--images-per-prompt", type=positive_int, default=None, help="images per prompt (default 4)")
+    s.add_argument("--per-tag", type=positive_int, default=None, metavar="N",
                    help="instead of -n: N images per tag, cycling through each tag's prompts (balances the "
                    "noise of small tags)")
     s.add_argument("-o", "--output", default="eval-shapes", help="output folder (default eval-shapes)")
-    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--force", action="store_true", help="replace the results of an earlier evaluation in the folder")
+    s.add_argument("--batch-size", type=positive_int, default=64, help="images per pipeline call (default 64)")
     add_model_argument(s)
     sampling_arguments(s)
     for name, (help_text, description) in SUITES.items():
@@ -46,8 +56,6 @@ def run_shapes(args) -> int:
                         "prompt); give only one of them.")
     if args.images_per_prompt is None:
         args.images_per_prompt = 4
-    if args.images_per_prompt < 1:
-        raise UserError(f"--images-per-prompt must be >= 1, got {args.images_per_prompt}.")
     if args.metadata:
         records = read_metadata_jsonl(args.metadata, world=True)
     else:
@@ -57,17 +65,16 @@ def run_shapes(args) -> int:
     if not records:
         raise UserError("no prompts to evaluate.")
     if args.per_tag is not None:
-        if args.per_tag < 1 or not all("tag" in r for r in records):
-            raise UserError("--per-tag needs a positive count and a 'tag' in every metadata record.")
+        if not all("tag" in r for r in records):
+            raise UserError("--per-tag needs a 'tag' in every metadata record.")
         records, args.images_per_prompt = balance_tags(records, args.per_tag), 1
     sampling = sampling_from_args(args)
+    out = check_output(args.output, "folder", args.force, sources=read_sources(args.model, args.checkpoint))
     pipe = load_pipeline(args.model, args.device, args.checkpoint)
     warn_unknown_words(pipe, [r["prompt"] for r in records], "eval")
     checkpoint, checkpoint_step = scored_checkpoint(args.checkpoint)
     summary, images = evaluate_shapes(pipe, records, args.images_per_prompt, args.seed, sampling,
                                       args.batch_size, progress=True)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     result = {
         "model": args.model or "shipped tiny-world model",
         "checkpoint": checkpoint,
@@ -80,9 +87,7 @@ def run_shapes(args) -> int:
         "sampling": vars(sampling),
         **summary,
     }
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(out / "results.json")
+    write_text_atomic(out / "results.json", json.dumps(result, indent=2) + "\n")
     per = args.images_per_prompt
     if per == 1:  # one row per tag: its first 8 images, each captioned with its prompt
         by_tag: dict[str, list[int]] = {}
@@ -111,10 +116,9 @@ def scored_checkpoint(checkpoint: str | None) -> tuple[str | None, int | None]:
     without --checkpoint."""
     if not checkpoint:
         return None, None
-    from ..grpo.checkpoint import resolve_transformer
+    from ..grpo.checkpoint import checkpoint_folder
 
-    transformer = resolve_transformer(checkpoint, flag="--checkpoint")
-    folder = transformer.parent if transformer.name == "transformer" else transformer
+    folder = checkpoint_folder(checkpoint)
     try:
         step = json.loads((folder / "trainer_state.json").read_text()).get("step")
     except (OSError, ValueError, AttributeError):
@@ -149,13 +153,14 @@ def suite_arguments(s: argparse.ArgumentParser, name: str) -> None:
                        "evaluation_metadata.jsonl, 553 prompts)")
     else:
         s.add_argument("--prompts", required=True, help="prompt file: .txt (one prompt per line) or .jsonl")
-    s.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts")
-    s.add_argument("-n", "--images-per-prompt", type=int, default=images, help=f"images per prompt (default {images})")
+    s.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N prompts")
+    s.add_argument("-n", "--images-per-prompt", type=positive_int, default=images,
+                   help=f"images per prompt (default {images})")
     s.add_argument("-o", "--output", default=f"eval-{name}", help=f"output folder (default eval-{name})")
-    s.add_argument("--batch-size", type=int, default=None,
+    s.add_argument("--batch-size", type=positive_int, default=None,
                    help="images per pipeline call (default: all images of one prompt; part of the settings)")
-    s.add_argument("--height", type=int, default=None, help="image height (default: the model's native size)")
-    s.add_argument("--width", type=int, default=None, help="image width (default: the model's native size)")
+    s.add_argument("--height", type=positive_int, default=None, help="image height (default: the model's native size)")
+    s.add_argument("--width", type=positive_int, default=None, help="image width (default: the model's native size)")
     s.add_argument("--reward", default=reward, help=f"reward name (default {reward})")
     s.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                    help="a reward keyword argument, e.g. -p detector=/path/to/mask2former; repeatable")
@@ -181,8 +186,6 @@ def suite_records(args) -> list[dict]:
 
         records = load_prompts(args.prompts)
     if args.limit is not None:
-        if args.limit < 1:
-            raise UserError(f"--limit must be >= 1, got {args.limit}.")
         records = records[: args.limit]
     return records
 
@@ -211,16 +214,14 @@ def run_suite(args) -> int:
     from ..tinyworld import SHIPPED_MODEL
     from .score import parse_params
 
-    for flag, value in (("--images-per-prompt", args.images_per_prompt), ("--batch-size", args.batch_size),
-                        ("--height", args.height), ("--width", args.width)):
-        if value is not None and value < 1:
-            raise UserError(f"{flag} must be >= 1, got {value}.")
     records = suite_records(args)
     source = args.metadata if args.benchmark == "geneval" else args.prompts
     params = parse_params(args.param)
     check_reward(args.reward, params)
     check_prompt_source(args.reward, records, source)
     sampling, n = sampling_from_args(args), args.images_per_prompt
+    out = check_output(args.output, "folder", sources=[*read_sources(args.model, args.checkpoint), source],
+                       exists_ok=True)
     procs = es.Processes.from_env()
     device = procs.device(args.device)
     pipe = load_pipeline(args.model, device, args.checkpoint)
@@ -239,37 +240,36 @@ def run_suite(args) -> int:
                      "seed": args.seed, "batch_size": min(args.batch_size or n, n), **vars(suite)},
         "scoring": {"reward": args.reward, "params": params},
     }, default=str))
-    out = Path(args.output)
-    es.prepare_output(out, config, args.force, args.rescore, procs)
-    sampled = es.sample_to_folder(pipe, records, out, n, args.seed, suite, args.batch_size, procs.rank, procs.world,
-                                  progress=procs.is_main)
-    del pipe  # the reward's models get the memory
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    run_params = reward_params(args.reward, params, device)
-    scored = es.score_folder(lambda: build_reward(args.reward, run_params), records, out, n, config["scoring"],
-                             procs.rank, procs.world, args.rescore, progress=procs.is_main)
-    procs.barrier()
-    if not procs.is_main:
+    with es.prepare_output(out, config, args.force, args.rescore, procs):
+        sampled = es.sample_to_folder(pipe, records, out, n, args.seed, suite, args.batch_size, procs.rank,
+                                      procs.world, progress=procs.is_main)
+        del pipe  # the reward's models get the memory
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        run_params = reward_params(args.reward, params, device)
+        scored = es.score_folder(lambda: build_reward(args.reward, run_params), records, out, n, config["scoring"],
+                                 procs.rank, procs.world, args.rescore, progress=procs.is_main)
+        procs.barrier()
+        if not procs.is_main:
+            return 0
+        table, rows = es.summarise(records, out, n)
+        result = {"benchmark": args.benchmark, "model": args.model or "shipped tiny-world model",
+                  "checkpoint": checkpoint, "checkpoint_step": checkpoint_step, "source": source,
+                  "prompts": len(records), "images_per_prompt": n, "seed": args.seed, "sampling": vars(suite),
+                  "reward": args.reward, "reward_params": params, "intervals": es.INTERVALS, **table}
+        write_text_atomic(out / "results.json", json.dumps(result, indent=2, default=str) + "\n")
+        written = [out / "results.json"]
+        names = list(rows[0]["values"]) if rows else []
+        if "pickscore" in names:
+            write_text_atomic(out / "pickscore.json", json.dumps(es.pickscore_reference(rows, out)) + "\n")
+            written.append(out / "pickscore.json")
+        headline = DEFAULTS[args.benchmark][2]
+        grid = es.grid_image(records, out, n, rows, headline if headline in names else (names or [None])[0])
+        written.append(save_png(grid, out / "grid.png"))
+        mine = len(range(procs.rank, len(records), procs.world))
+        print(f"{len(records)} prompts x {n} images; this process sampled {sampled} and scored {scored} of its "
+              f"{mine} prompts (the others were complete)")
+        print("\n".join(es.table_lines(table)))
+        print(f"wrote {', '.join(map(str, written))}")
         return 0
-    table, rows = es.summarise(records, out, n)
-    result = {"benchmark": args.benchmark, "model": args.model or "shipped tiny-world model", "checkpoint": checkpoint,
-              "checkpoint_step": checkpoint_step, "source": source, "prompts": len(records), "images_per_prompt": n,
-              "seed": args.seed, "sampling": vars(suite), "reward": args.reward, "reward_params": params,
-              "intervals": es.INTERVALS, **table}
-    es.write_atomic(out / "results.json", json.dumps(result, indent=2, default=str) + "\n")
-    written = [out / "results.json"]
-    names = list(rows[0]["values"]) if rows else []
-    if "pickscore" in names:
-        es.write_atomic(out / "pickscore.json", json.dumps(es.pickscore_reference(rows, out)) + "\n")
-        written.append(out / "pickscore.json")
-    headline = DEFAULTS[args.benchmark][2]
-    grid = es.grid_image(records, out, n, rows, headline if headline in names else (names or [None])[0])
-    written.append(save_png(grid, out / "grid.png"))
-    mine = len(range(procs.rank, len(records), procs.world))
-    print(f"{len(records)} prompts x {n} images; this process sampled {sampled} and scored {scored} of its {mine} "
-          "prompts (the others were complete)")
-    print("\n".join(es.table_lines(table)))
-    print(f"wrote {', '.join(map(str, written))}")
-    return 0

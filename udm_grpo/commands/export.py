@@ -7,10 +7,9 @@ separate, explicit step.
 from __future__ import annotations
 
 import argparse
-import shutil
-from pathlib import Path
 
 from ..errors import UserError
+from ..outputs import atomic_folder, check_output
 from .common import add_model_argument, load_pipeline
 
 
@@ -25,18 +24,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import torch
 
+    from .common import read_sources
+
     if not args.checkpoint:
         raise UserError("give the training run or checkpoint to export with --checkpoint.")
-    out = Path(args.output)
-    if out.exists() and not args.force:
-        raise UserError(f"output folder {out} already exists; pass --force to replace it.")
+    out = check_output(args.output, "folder", args.force, sources=read_sources(args.model, args.checkpoint, run=True))
     pipe = load_pipeline(args.model, args.device, args.checkpoint)
     pipe.transformer.to(getattr(torch, args.dtype))
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    pipe.save_pretrained(partial)
-    if out.exists():
-        shutil.rmtree(out)
-    partial.replace(out)
+    with atomic_folder(out) as partial:
+        pipe.save_pretrained(partial)
     print(f"wrote {out} ({args.dtype} transformer); sample with: udm-grpo sample \"...\" --model {out}")
     return 0

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 
 from ..errors import UserError
+from ..outputs import atomic_folder, check_output, write_text_atomic
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,8 +31,7 @@ def run(args) -> int:
     if args.rescore:
         return rescore(out)
     cfg = load_config(args.config, args.overrides, schema=TinyWorldConfig)
-    if out.exists() and not args.force:
-        raise UserError(f"output folder {out} already exists; pass --force to replace it.")
+    check_output(out, "folder", args.force)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.time()
     print("building the tiny world (rendering scenes, fitting the patch codebook)...", flush=True)
@@ -41,21 +40,17 @@ def run(args) -> int:
     print(f"transformer: {n_params / 1e6:.2f} M parameters; training {cfg.steps} steps", flush=True)
     history = pretrain(pipe, cfg, log=lambda line: print(line, flush=True))
     wall = round(time.time() - start, 1)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
     pipe.transformer.to(getattr(torch, cfg.save_dtype))
-    pipe.save_pretrained(partial)
-    save_resolved(cfg, partial / "pretrain_config.yaml")
-    if cfg.final_images_per_tag:
-        print("recording the final accuracy on the test split (base_eval.json)...", flush=True)
-        saved = URSAPipeline.from_pretrained(partial)  # what users will load
-        base_eval = record_base_eval(saved, cfg.sampling, cfg.final_images_per_tag)
-        (partial / "base_eval.json").write_text(json.dumps(base_eval, indent=2) + "\n")
-    record = {"wall_seconds": wall, "parameters": n_params, "history": history}
-    (partial / "pretrain_log.json").write_text(json.dumps(record, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    partial.replace(out)
+    with atomic_folder(out) as partial:
+        pipe.save_pretrained(partial)
+        save_resolved(cfg, partial / "pretrain_config.yaml")
+        if cfg.final_images_per_tag:
+            print("recording the final accuracy on the test split (base_eval.json)...", flush=True)
+            saved = URSAPipeline.from_pretrained(partial)  # what users will load
+            base_eval = record_base_eval(saved, cfg.sampling, cfg.final_images_per_tag)
+            (partial / "base_eval.json").write_text(json.dumps(base_eval, indent=2) + "\n")
+        record = {"wall_seconds": wall, "parameters": n_params, "history": history}
+        (partial / "pretrain_log.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out} in {record['wall_seconds']} s")
     return 0
 
@@ -70,10 +65,9 @@ def rescore(folder: Path) -> int:
     if not settings.is_file():
         raise UserError(f"--rescore: {settings} does not exist (not a tiny-world model folder written by pretrain).")
     cfg = load_config(settings, schema=TinyWorldConfig)
+    check_output(folder / "base_eval.json", "file", force=True, flag="--rescore")
     base_eval = record_base_eval(URSAPipeline.from_pretrained(folder), cfg.sampling, cfg.final_images_per_tag or 64)
-    tmp = folder / "base_eval.json.tmp"
-    tmp.write_text(json.dumps(base_eval, indent=2) + "\n")
-    tmp.replace(folder / "base_eval.json")
+    write_text_atomic(folder / "base_eval.json", json.dumps(base_eval, indent=2) + "\n")
     o = base_eval["full"]["overall"]
     print(f"wrote {folder / 'base_eval.json'}: strict {o['strict']:.3f}, score {o['score']:.3f} "
           f"({base_eval['full']['images_per_tag']} images per tag)")

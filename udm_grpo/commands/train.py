@@ -6,6 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
+from .common import positive_int
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_world_grpo.yaml"
 ROOT_TEMPLATE = Path(__file__).resolve().parents[2] / "configs" / "template.yaml"  # in a source checkout
 LAYERS = (f"Configuration layers, later wins: the tiny-world defaults ({DEFAULT_CONFIG.name}) <- --config FILE <- "
@@ -19,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="config overrides, e.g. sampling.num_images_per_prompt=16 training.lr=3e-5")
     p.add_argument("--config", default=None, help="YAML run config layered on the tiny-world defaults")
     p.add_argument("-o", "--output", default=None, help="run folder (experiment.output_dir)")
-    p.add_argument("--steps", type=int, default=None, help="total optimiser steps (training.max_steps); with "
+    p.add_argument("--steps", type=positive_int, default=None, help="total optimiser steps (training.max_steps); with "
                    "--resume, the new total")
     p.add_argument("--resume", default=None, metavar="latest|RUN|CHECKPOINT",
                    help="continue the newest checkpoint of the run folder (latest or RUN), or a checkpoint folder")
@@ -27,19 +29,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check", action="store_true",
                    help="validate the config, reward, model folder and prompts; print the world layout, the batch "
                    "plan and an estimate of memory per GPU, and exit")
-    p.add_argument("--processes", type=int, default=None, metavar="N",
+    p.add_argument("--processes", type=positive_int, default=None, metavar="N",
                    help="with --check: plan for N processes (default: WORLD_SIZE of the launcher, else 1)")
-    p.add_argument("--print-template", action="store_true", help="print a commented config with every key and exit")
+    p.add_argument("--print-template", action="store_true",
+                   help="print a commented config with every key and exit (with --config or overrides: their values)")
 
 
-def template_text() -> str:
+def template_text(cfg=None) -> str:
+    """The commented template of `cfg` (default: the tiny-world defaults)."""
     from ..config import config_template, load_config
 
     title = ("udm-grpo run configuration: every key, with the tiny-world values `udm-grpo train` starts from.\n"
              "Copy it, edit it and run `udm-grpo train --config my_run.yaml`. " + LAYERS + "\n"
              "'(paper: X)' marks the paper's URSA-1.7B recipe where it differs.\n"
              "Regenerate: udm-grpo train --print-template > configs/template.yaml")
-    return config_template(load_config(DEFAULT_CONFIG), title)
+    return config_template(cfg or load_config(DEFAULT_CONFIG), title)
 
 
 def resolve_config(args):
@@ -48,8 +52,6 @@ def resolve_config(args):
     from ..errors import UserError
     from ..grpo.checkpoint import resolve_checkpoint, run_folder_of
 
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps must be a positive integer, got {args.steps}.")
     if args.output is not None and not args.output.strip():
         raise UserError("-o/--output must name a folder.")
     overrides = list(args.overrides)
@@ -71,71 +73,79 @@ def resolve_config(args):
     return load_config(layers, overrides, notes=notes), ckpt
 
 
-def check(cfg, processes: int | None = None) -> None:
-    """Everything `train` would load, checked without loading weights (reward, model folder, prompts); then
-    the world layout, the batch plan and the memory estimate for `processes` (default: the launcher's)."""
+def check(cfg, processes: int | None = None) -> int:
+    """Every check a training start makes (`preflight.check_start`, no weights loaded), then the world layout,
+    the batch plan and the memory estimate for `processes` (default: the launcher's). 1 when the estimate fits
+    no GPU."""
     import os
 
-    from ..data.prompts import load_prompts
-    from ..errors import UserError
-    from ..grpo.batching import plan_from_config
-    from ..grpo.engine import engine_spec, world_layout
-    from ..models.pipeline import URSAPipeline, resolve_model
-    from ..rewards import check_prompt_source, check_reward
-    from ..tinyworld import SHIPPED_MODEL
+    from ..grpo.engine import world_layout
+    from ..grpo.memory import GPUS, fitting_gpus
+    from ..grpo.preflight import check_start
 
     if int(os.environ.get("RANK", 0)) != 0:  # under a launcher: the main process reports for all
-        return
-    if processes is not None and processes < 1:
-        raise UserError(f"--processes must be a positive integer, got {processes}.")
+        return 0
     world = processes or int(os.environ.get("WORLD_SIZE", 1))
-    spec = engine_spec(cfg.training.engine, cfg.training.zero_stage)
-    plan = plan_from_config(cfg, world)
-    print(world_layout(world, spec, {} if processes else None))
-    print(plan.describe())
-    check_reward(cfg.reward.name, cfg.reward.params)
-    folder = resolve_model(cfg.model.path) if cfg.model.path else SHIPPED_MODEL
-    index = URSAPipeline.check_folder(folder)
-    print(memory_text(cfg, folder, index, spec, plan))
-    for source in (cfg.data.train or "shapes:train", cfg.data.test or "shapes:test"):
-        check_prompt_source(cfg.reward.name, load_prompts(source), source)
-    print("check passed: the reward, the model folder and the prompt files are usable")
+    start = check_start(cfg, world)
+    print(world_layout(world, start.spec, {} if processes else None))
+    print(start.plan.describe())
+    text, total = memory_text(cfg, start.folder, start.index, start.spec, start.plan)
+    print(text)
+    fits = fitting_gpus(total)
+    if not fits:
+        largest, size = next(iter(GPUS.items()))
+        print(f"check failed: the config, reward, model folder and prompt files are usable, but {total:,.1f} GiB per "
+              f"GPU fits no GPU (the largest, {largest}, has {size} GiB); use more processes with ZeRO-3 or FSDP, "
+              "gradient checkpointing, smaller micro-batches or LoRA.")
+        return 1
+    print(f"check passed: the config, reward, model folder and prompt files are usable, and {total:,.2f} GiB per "
+          f"GPU fits {', '.join(fits)}.")
+    return 0
 
 
-def memory_text(cfg, folder: Path, index: dict, spec, plan) -> str:
-    """The memory estimate for the model in `folder` (its parsed model_index.json is `index`)."""
+def memory_text(cfg, folder: Path, index: dict, spec, plan) -> tuple[str, float]:
+    """The memory estimate for the model in `folder` (its parsed model_index.json is `index`) and its total
+    in GiB."""
     from ..grpo.memory import Shape, describe, estimate
     from ..models.io import read_config
     from ..models.pipeline import DEFAULT_PROMPT_LENGTH
     from ..models.transformer import URSAConfig
+    from ..models.vae import vae_geometry
 
     data, path = read_config(folder / "transformer", "transformer")
     shape = Shape.from_config(URSAConfig.from_dict(data, str(path)))
-    vae, _ = read_config(folder / "vae", "vae")
-    stride = vae.get("patch_size") or 2 ** (len(vae.get("block_out_channels", [0] * 5)) - 1)
+    stride, _ = vae_geometry(folder / "vae")
     r = cfg.sampling.rollout
     text = int(index.get("_max_prompt_length", DEFAULT_PROMPT_LENGTH))
     gib = estimate(shape, spec.kind, spec.zero_stage, plan.num_processes, cfg.bf16, cfg.reward.kl_beta > 0,
                    cfg.model.gradient_checkpointing, plan.micro_batch_size, r.batch_size or plan.images_per_process,
                    text, (r.height // stride) * (r.width // stride), r.guidance_scale != 1.0,
                    cfg.model.lora is not None)
-    return describe(gib, shape)
+    return describe(gib, shape), gib["total"]
 
 
 def run(args) -> int:
+    from ..errors import UserError
+
     if args.print_template:
-        print(template_text(), end="")
+        if args.resume or args.check or args.force or args.processes is not None:
+            raise UserError("--print-template prints a config and exits; it takes --config, -o, --steps and "
+                            "KEY=VALUE overrides (whose values it shows), not --resume, --check, --force or "
+                            "--processes.")
+        print(template_text(resolve_config(args)[0]), end="")
         return 0
+    if args.processes is not None and not args.check:
+        raise UserError("--processes only plans a --check (a real run takes the number of processes from its "
+                        "launcher, e.g. accelerate launch --num_processes N).")
     cfg, ckpt = resolve_config(args)
     if args.check:
-        check(cfg, args.processes)
-        return 0
+        return check(cfg, args.processes)
     from ..grpo.control import check_run_dir
     from ..grpo.evaluation import verdict
     from ..grpo.logger import read_jsonl
     from ..grpo.trainer import TrainingError, UDMGRPOTrainer
 
-    check_run_dir(Path(cfg.experiment.output_dir), ckpt, args.force)  # before loading anything
+    check_run_dir(Path(cfg.experiment.output_dir), ckpt, args.force, [cfg.model.path])  # before loading anything
     start = time.time()
     trainer = UDMGRPOTrainer(cfg)
     try:

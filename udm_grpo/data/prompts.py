@@ -13,28 +13,16 @@ from __future__ import annotations
 import json
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 
 from ..errors import UserError
+from ..textfiles import check_input_file, iter_lines
 
 T = TypeVar("T")
-
-
-def iter_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, stripped text) of each non-blank line of a UTF-8 file, read one line at a time
-    (lines end at '\\n'; a trailing '\\r' is stripped with the other whitespace)."""
-    with path.open("rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                text = raw.decode("utf-8-sig" if n == 1 else "utf-8").strip()
-            except UnicodeDecodeError:
-                raise UserError(f"{path}:{n}: not UTF-8 text.") from None
-            if text:
-                yield n, text
 
 
 def parse_jsonl_line(text: str, where: str) -> dict:
@@ -58,13 +46,11 @@ def load_prompts(source: str) -> list[dict]:
             raise UserError(f"prompt source '{source}': the tiny world's splits are 'shapes:train' and 'shapes:test'.")
         records = generate_records(split, None, 0)
         return balance_tags(records) if split == "train" else records
-    path = Path(source)
-    if not path.is_file():
-        raise UserError(f"prompt file {path} does not exist.")
+    path = check_input_file(source, "prompt file")
     key, jsonl = _file_key(path), path.suffix == ".jsonl"
     records: list[dict] = []
     lines = array("L")
-    for n, text in iter_lines(path):
+    for n, text in iter_lines(path, "prompt file"):
         records.append(parse_jsonl_line(text, f"{path}:{n}") if jsonl else {"prompt": text})
         lines.append(n)
     if not records:

@@ -323,13 +323,10 @@ def check_world_record(rec: dict, where: str) -> None:
 def read_metadata_jsonl(path: str | Path, world: bool = False) -> list[dict]:
     """Read and validate a GenEval-schema metadata file; UserError names file:line on any fault.
     With `world`, also refuse classes and colours the tiny world does not have."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"metadata file {path} does not exist.")
+    from ..textfiles import iter_lines
+
     records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, line in iter_lines(path, "metadata file"):
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:

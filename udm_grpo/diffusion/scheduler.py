@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, ConfigError
+from ..textfiles import read_json
 from .categorical import draw_device, sample_logits
 from .paths import ProbPath, build_path
 
@@ -101,12 +102,9 @@ class KineticOptimalScheduler:
     def from_pretrained(cls, folder: str | Path, num_embeddings: int | None = None) -> KineticOptimalScheduler:
         folder = Path(folder)
         cfg_file = folder / CONFIG_NAME
-        if not cfg_file.is_file():
+        if not cfg_file.exists():
             raise CheckpointError(f"{folder}: missing {CONFIG_NAME}.")
-        try:
-            cfg = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{cfg_file}: not valid JSON ({e.msg} at line {e.lineno}).") from None
+        cfg = read_json(cfg_file, "scheduler config", CheckpointError)
         alpha = cfg.get("alpha")
         for key, value in (("alpha", alpha), ("c", cfg.get("c", 3.0)), ("eps", cfg.get("eps", 1e-5)),
                            ("shift", cfg.get("shift", 1.0))):

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 from ..config import load_config
+from ..outputs import atomic_file, write_text_atomic
+from .control import check_run_dir
 from .logger import read_jsonl
 
 VARIANTS: dict[str, dict] = {
@@ -38,13 +40,18 @@ def run_ablation(config_path, overrides: list[str], output: Path, steps: int, cf
     output = Path(output)
     rows = []
     names = variants or list(VARIANTS)
-    for i, name in enumerate(names, 1):
+    configs = {}
+    for name in names:  # every run folder is checked before the first variant trains
         settings = {"sampling.rollout.guidance_scale": cfg_scale, **VARIANTS[name]}
-        print(f"ablation variant {i}/{len(names)}: {name} ("
-              + ", ".join(f"{k.rsplit('.', 1)[1]}={v}" for k, v in settings.items()) + ")", flush=True)
         extra = [f"{k}={json.dumps(v)}" for k, v in settings.items()]
         cfg = load_config(config_path, [*overrides, *extra, f"experiment.output_dir={output / name}",
                                         f"training.max_steps={steps}"])
+        check_run_dir(output / name, None, force, [cfg.model.path])
+        configs[name] = settings, cfg
+    for i, name in enumerate(names, 1):
+        settings, cfg = configs[name]
+        print(f"ablation variant {i}/{len(names)}: {name} ("
+              + ", ".join(f"{k.rsplit('.', 1)[1]}={v}" for k, v in settings.items()) + ")", flush=True)
         start = time.time()
         result = (make_trainer or UDMGRPOTrainer)(cfg).train(force=force)
         metrics = read_jsonl(output / name / "metrics.jsonl")
@@ -82,7 +89,7 @@ def write_report(rows: list[dict], output: Path, steps: int) -> None:
                      f"+-{a.get('eval/ci95/strict', nan):.3f} "
                      f"| {a.get('eval/score', nan):.3f} | {r['reward_last10']:.3f} | {r['kl_last10']:.4f} "
                      f"| {r['minutes']} |")
-    (output / "ablation.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(output / "ablation.md", "\n".join(lines) + "\n")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
     for r in rows:
         m = read_jsonl(output / r["variant"] / "metrics.jsonl")
@@ -94,5 +101,6 @@ def write_report(rows: list[dict], output: Path, steps: int) -> None:
         ax.set_xlabel("step")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(output / "ablation.png", dpi=100)
+    with atomic_file(output / "ablation.png") as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)

@@ -132,6 +132,12 @@ def resolve_transformer(spec: str, flag: str = "--checkpoint") -> Path:
     return transformer
 
 
+def checkpoint_folder(spec: str, flag: str = "--checkpoint") -> Path:
+    """The checkpoint folder `resolve_transformer` reads for `spec` (a bare transformer folder: itself)."""
+    transformer = resolve_transformer(spec, flag)
+    return transformer.parent if transformer.name in ("transformer", "adapter") else transformer
+
+
 def run_folder_of(checkpoint: Path) -> Path | None:
     """RUN for RUN/checkpoints/step-N, else None."""
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else None

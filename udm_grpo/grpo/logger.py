@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from ..outputs import atomic_file
+
 
 class RunLogger:
     """Appends one JSON line per logged step to `<run>/metrics.jsonl` (and eval lines to eval.jsonl)."""
@@ -103,6 +105,7 @@ def plot_curves(run_dir: Path, out: Path | None = None) -> Path:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
     fig.tight_layout()
     out = Path(out or run_dir / "curves.png")
-    fig.savefig(out, dpi=100)
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return out

@@ -99,6 +99,14 @@ def estimate(s: Shape, engine: str, zero_stage: int, world: int, bf16: bool, ref
     return gib
 
 
+GPUS = {"H200": 141, "H100 / A100-80GB": 80, "L40S": 48, "A100-40GB": 40, "RTX 4090": 24}  # GiB, largest first
+
+
+def fitting_gpus(total_gib: float) -> list[str]:
+    """The GPUs of `GPUS` whose memory holds `total_gib` (none when it exceeds the largest)."""
+    return [name for name, gib in GPUS.items() if total_gib <= gib]
+
+
 def describe(gib: dict[str, float], shape: Shape) -> str:
     lines = [f"memory per GPU (estimate, {shape.params / 1e6:,.1f}M parameters, K = {shape.codebook}):"]
     lines += [f"  {k:40s} {v:8.2f} GiB" for k, v in gib.items() if k != "total" and v > 0]

@@ -26,20 +26,19 @@ from pathlib import Path
 import torch
 
 from ..config import Config, save_resolved
-from ..data.prompts import PromptStream, load_prompts
+from ..data.prompts import PromptStream
 from ..errors import UserError
 from ..models.io import save_folder
 from ..models.pipeline import URSAPipeline
-from ..rewards import REWARDS, check_prompt_source
 from .advantages import expand_prompts, group_advantages, group_stats
-from .batching import plan_from_config
 from .checkpoint import begin_checkpoint, commit_checkpoint, load_checkpoint, resolve_checkpoint, write_rng
-from .control import StopOnSigint, all_processes, prepare_run_dir
+from .control import RunFolder, StopOnSigint, all_processes
 from .engine import build_engine, engine_spec, plain_accelerator_env, world_layout
-from .evaluation import eval_records, summarise_eval
+from .evaluation import summarise_eval
 from .logger import RunLogger, plot_curves
 from .objective import action_log_probs, grpo_loss, token_entropy
 from .policy import ImageLogits, MicroBatch, build_policy, micro_batch_logits
+from .preflight import check_start
 from .rollout import Rollout, rollout
 from .states import pick_train_steps, training_states
 
@@ -61,23 +60,17 @@ class UDMGRPOTrainer:
         from accelerate import Accelerator
 
         self.cfg, c = config, config
-        self.spec = engine_spec(c.training.engine, c.training.zero_stage)
-        if c.model.lora is not None and self.spec.kind != "ddp":
-            raise UserError(f"model.lora trains under DDP only; this run's engine is {self.spec.describe()} "
-                            "(set training.engine: ddp or launch without a DeepSpeed/FSDP accelerate config).")
+        kind = engine_spec(c.training.engine, c.training.zero_stage).kind
         with plain_accelerator_env():
-            self.acc = accelerator or Accelerator(
-                cpu=not torch.cuda.is_available(),
-                mixed_precision=c.training.mixed_precision if self.spec.kind == "ddp" else "no")
+            self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
+                                                  mixed_precision=c.training.mixed_precision if kind == "ddp" else "no")
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
-        self.plan = plan_from_config(c, self.world)
+        start = check_start(c, self.world, pipeline, reward is not None)  # what `train --check` checks
+        self.spec, self.plan = start.spec, start.plan
         self.progress = progress and self.acc.is_main_process
         self.compute_dtype = torch.bfloat16 if c.bf16 else torch.float32
         if pipeline is None:
-            from ..tinyworld import SHIPPED_MODEL
-
-            pipeline = URSAPipeline.from_pretrained(c.model.path or SHIPPED_MODEL, device=self.acc.device,
-                                                    dtype=torch.float32)
+            pipeline = URSAPipeline.from_pretrained(start.folder, device=self.acc.device, dtype=torch.float32)
         self.pipe = pipeline
         if reward is None:
             from ..rewards import build_reward
@@ -90,13 +83,8 @@ class UDMGRPOTrainer:
                                    self.plan.grad_accum_steps, self.plan.micro_batch_size, self.compute_dtype)
         self.policy, self.optimizer = self.engine.module, self.engine.optimizer
         self.generator = torch.Generator(device=self.acc.device).manual_seed(c.training.seed + 1000 * self.rank)
-        train, test = c.data.train or "shapes:train", c.data.test or "shapes:test"
-        train_records, test_records = load_prompts(train), load_prompts(test)
-        if isinstance(c.reward.name, list) or c.reward.name in REWARDS:  # rewards passed in code are not checked
-            for source, records in ((train, train_records), (test, test_records)):
-                check_prompt_source(c.reward.name, records, source)
-        self.data = PromptStream(train_records, c.training.seed, c.data.shuffle)
-        self.eval_records = eval_records(test_records, c.experiment)
+        self.data = PromptStream(start.train, c.training.seed, c.data.shuffle)
+        self.eval_records = start.held_out
         self.step, self.nonfinite, self.skipped = 0, 0, 0
         self.run_dir = Path(c.experiment.output_dir)
         self.logger = None
@@ -330,15 +318,27 @@ class UDMGRPOTrainer:
     def train(self, max_steps: int | None = None, resume: str | None = None, force: bool = False) -> dict:
         """Run until `max_steps` (the total, default training.max_steps); `resume`: 'latest', a run folder
         or a checkpoint folder. Ctrl-C (SIGINT) finishes the current step, saves a checkpoint and returns
-        with "interrupted": True. Returns {"metrics", "eval", "first_eval", "step", "interrupted"}."""
-        from tqdm.auto import tqdm
-
+        with "interrupted": True. Returns {"metrics", "eval", "first_eval", "step", "interrupted"}.
+        The run folder is locked while it runs; a start that fails before its first step leaves it as found."""
         c, e = self.cfg, self.cfg.experiment
         max_steps = max_steps or c.training.max_steps
         resume = resume or e.resume_from_checkpoint
         folder = resolve_checkpoint(resume, self.run_dir) if resume else None
-        if self.step == 0 or folder is not None:  # not when this trainer goes on with its own run
-            prepare_run_dir(self.acc, self.run_dir, folder, force)
+        if self.step and folder is None:  # this trainer goes on with its own run
+            return self._loop(max_steps, lambda: None)
+        with RunFolder(self.acc, self.run_dir, folder, force, [c.model.path]) as run:
+            try:
+                self._start(folder, max_steps)
+                return self._loop(max_steps, run.started)
+            except BaseException:
+                if self.logger:  # closed before a failed start's files are removed
+                    self.logger.close()
+                    self.logger = None
+                raise
+
+    def _start(self, folder: Path | None, max_steps: int) -> None:
+        """Resume from `folder` (if any), then the main process writes config.yaml and opens the logs."""
+        c, e = self.cfg, self.cfg.experiment
         if folder is not None:
             self.resume(str(folder))
             if self.step >= max_steps:
@@ -347,12 +347,17 @@ class UDMGRPOTrainer:
         if self.acc.is_main_process:
             if folder is not None:
                 print(f"resumed from {folder} at step {self.step}")
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             save_resolved(c, self.run_dir / "config.yaml")
             self.logger = RunLogger(self.run_dir, wandb_config=None if not e.wandb else vars(c))
             if folder is not None:
                 self.logger.truncate_after(self.step)
             print(f"{world_layout(self.world, self.spec)}; main process on {self.acc.device}\n{self.plan.describe()}")
+
+    def _loop(self, max_steps: int, started) -> dict:
+        """Steps until `max_steps` with evaluation, logs and checkpoints; `started()` after the first step."""
+        from tqdm.auto import tqdm
+
+        e = self.cfg.experiment
         first_eval = last_eval = self._eval_and_log() if self.step == 0 and e.eval_every else {}
         bar = tqdm(total=max_steps, initial=self.step, desc="udm-grpo", disable=not self.progress)
         metrics: dict = {}
@@ -373,6 +378,7 @@ class UDMGRPOTrainer:
                     self.save()
                 if interrupted:
                     break
+                started()
         bar.close()
         if e.eval_every and self.step % e.eval_every != 0 and not interrupted:  # every process: it gathers
             last_eval = self._eval_and_log()

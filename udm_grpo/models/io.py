@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from ..textfiles import read_json
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -45,12 +46,9 @@ def read_config(folder: Path, kind: str = "model") -> tuple[dict[str, Any], Path
     """(parsed config.json, its path). CheckpointError if absent (hinting at a `kind/` folder),
     ConfigError if not valid JSON or not a JSON object."""
     path = folder / CONFIG_NAME
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{folder}: no {CONFIG_NAME} found (is this a {kind}/ folder?).")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e}).") from e
+    data = read_json(path, "model config", ConfigError)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}.")
     return data, path
@@ -112,9 +110,9 @@ def read_weights(folder: Path, cast: Cast | None = None) -> dict[str, torch.Tens
         if not name.endswith(INDEX_SUFFIX):
             return read_weight_file(path, cast)
         try:
-            weight_map = json.loads(path.read_text())["weight_map"]
+            weight_map = read_json(path, "weight index", CheckpointError)["weight_map"]
             shards = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        except (KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{path}: not a valid index (needs a 'weight_map' object).") from e
         state: dict[str, torch.Tensor] = {}
         for shard in shards:

@@ -28,6 +28,7 @@ from ..data.text_tokenizer import encode_prompts
 from ..diffusion.sampler import Trajectory, sample_tokens
 from ..diffusion.scheduler import KineticOptimalScheduler
 from ..errors import CheckpointError, UserError
+from ..textfiles import read_json
 from .io import share_files
 from .transformer import URSATransformer
 from .vae import load_vae
@@ -96,12 +97,9 @@ class URSAPipeline:
         if not folder.is_dir():
             raise CheckpointError(f"{folder}: no such model folder.")
         index_file = folder / "model_index.json"
-        if not index_file.is_file():
+        if not index_file.exists():
             raise CheckpointError(f"{folder}: missing model_index.json (not an URSA pipeline folder).")
-        try:
-            index = json.loads(index_file.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{index_file}: not valid JSON ({e.msg} at line {e.lineno}).") from None
+        index = read_json(index_file, "model index", CheckpointError)
         for name in COMPONENTS:
             if not (folder / name).is_dir():
                 raise CheckpointError(f"{folder}: missing the '{name}/' component folder.")
@@ -160,14 +158,9 @@ class URSAPipeline:
         return encode_prompts(self.tokenizer, prompts, self.max_prompt_length).to(self.device)
 
     def grid(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
-        size = getattr(getattr(self.vae, "config", None), "sample_size", None) or 512
-        size = size[0] if isinstance(size, list | tuple) else size
-        height, width = height or size, width or size
-        stride = self.vae.spatial_stride
-        if height % stride or width % stride:
-            raise UserError(f"height and width must be multiples of the tokenizer stride {stride}, "
-                            f"got {height}x{width}.")
-        return height // stride, width // stride
+        """(h, w) tokens of a height x width image (default: the tokenizer's native size)."""
+        size = getattr(getattr(self.vae, "config", None), "sample_size", None)
+        return token_grid(height, width, self.vae.spatial_stride, size)
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
@@ -224,6 +217,18 @@ def download_command(repo_id: str, revision: str | None = None) -> str:
     cli = "hf" if version >= (0, 34) else "huggingface-cli"
     rev = f" --revision {revision}" if revision else ""
     return f"{cli} download {repo_id}{rev} --local-dir DIR"
+
+
+def token_grid(height: int | None, width: int | None, stride: int,
+               sample_size: int | tuple[int, int] | list[int] | None = None) -> tuple[int, int]:
+    """(height / stride, width / stride); a missing side is the native `sample_size` (default 512). UserError
+    when a side is not a multiple of the stride."""
+    size = sample_size or 512
+    size = size[0] if isinstance(size, list | tuple) else size
+    height, width = height or size, width or size
+    if height % stride or width % stride:
+        raise UserError(f"height and width must be multiples of the tokenizer stride {stride}, got {height}x{width}.")
+    return height // stride, width // stride
 
 
 def resolve_model(spec: str | Path, revision: str | None = None) -> Path:

@@ -14,10 +14,21 @@ from torch import nn
 
 from ..errors import CheckpointError
 from .io import read_config
-from .patch_vq import PatchVQ
-from .vq import AutoencoderVQ
+from .patch_vq import PatchVQ, PatchVQConfig
+from .vq import AutoencoderVQ, VQConfig
 
 VAE_CLASSES: dict[str, type[AutoencoderVQ] | type[PatchVQ]] = {"AutoencoderVQ": AutoencoderVQ, "PatchVQ": PatchVQ}
+
+
+def vae_geometry(folder: str | Path) -> tuple[int, int | tuple[int, int] | None]:
+    """(pixels per token side, native `sample_size`) of a `vae/` folder from its config.json alone (no
+    weights): PatchVQ's `patch_size`; AutoencoderVQ's 2^(L-1) for L levels, as its `spatial_stride`."""
+    data, path = read_config(Path(folder), "vae")
+    if data.get("_class_name") == "PatchVQ":
+        cfg = PatchVQConfig.from_dict(data, str(path))
+        return cfg.patch_size, cfg.sample_size
+    cfg = VQConfig.from_dict(data, str(path))
+    return 2 ** (len(cfg.block_out_channels) - 1), cfg.sample_size
 
 
 def load_vae(

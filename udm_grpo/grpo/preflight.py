@@ -1,0 +1,75 @@
+"""Every check a training start makes before it loads weights: one function for `UDMGRPOTrainer` and for
+`udm-grpo train --check`, so that a config `--check` passes is one the trainer starts with.
+
+Checked: the engine and LoRA, the batch plan for the number of processes, the reward's name and parameters,
+the model folder's layout, the rollout image size against the tokenizer's stride, the prompt sources
+(readable, non-empty, and records the reward can score) and the held-out set built from them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import Config
+from ..data.prompts import load_prompts
+from ..errors import ConfigError, UserError
+from ..rewards import check_prompt_source, check_reward
+from .batching import BatchPlan, plan_from_config
+from .engine import EngineSpec, engine_spec
+from .evaluation import eval_records
+
+
+@dataclass
+class StartPlan:
+    """What the checks found: the engine, the batch plan, the model folder (None when the trainer was given a
+    pipeline) and its parsed model_index.json, the training records and the held-out records."""
+
+    spec: EngineSpec
+    plan: BatchPlan
+    folder: Path | None
+    index: dict
+    train: list[dict]
+    held_out: list[dict]
+
+
+def model_folder(cfg: Config) -> Path:
+    """The folder of `model.path` (a hub id: its cached snapshot), or the shipped tiny world."""
+    from ..models.pipeline import resolve_model
+    from ..tinyworld import SHIPPED_MODEL
+
+    return resolve_model(cfg.model.path) if cfg.model.path else SHIPPED_MODEL
+
+
+def check_start(cfg: Config, world: int, pipeline=None, reward_given: bool = False) -> StartPlan:
+    """Run every start check for `world` processes (see the module docstring); UserError at the first fault.
+    `pipeline`: a loaded pipeline to check against instead of the model folder; `reward_given`: the reward
+    was built in code, so `reward.name` / `reward.params` are not checked."""
+    from ..models.pipeline import URSAPipeline, token_grid
+    from ..models.vae import vae_geometry
+
+    spec = engine_spec(cfg.training.engine, cfg.training.zero_stage)
+    if cfg.model.lora is not None and spec.kind != "ddp":
+        raise UserError(f"model.lora trains under DDP only; this run's engine is {spec.describe()} "
+                        "(set training.engine: ddp or launch without a DeepSpeed/FSDP accelerate config).")
+    plan = plan_from_config(cfg, world)
+    if not reward_given:
+        check_reward(cfg.reward.name, cfg.reward.params)
+    folder, index = None, {}
+    if pipeline is None:
+        folder = model_folder(cfg)
+        index = URSAPipeline.check_folder(folder)
+        stride, size = vae_geometry(folder / "vae")
+    else:
+        stride, size = pipeline.vae.spatial_stride, getattr(getattr(pipeline.vae, "config", None), "sample_size", None)
+    r = cfg.sampling.rollout
+    try:
+        token_grid(r.height, r.width, stride, size)
+    except UserError as e:
+        raise ConfigError(f"config keys 'sampling.rollout.height' / 'sampling.rollout.width': {e}") from None
+    sources = (cfg.data.train or "shapes:train", cfg.data.test or "shapes:test")
+    train, test = (load_prompts(source) for source in sources)
+    if not reward_given:  # a reward built in code may score what `reward.name` would not
+        for source, records in zip(sources, (train, test)):
+            check_prompt_source(cfg.reward.name, records, source)
+    return StartPlan(spec, plan, folder, index, train, eval_records(test, cfg.experiment))

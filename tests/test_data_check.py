@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from udm_grpo.cli import main
-from udm_grpo.data.check import check_file, format_report, validate_records
+from udm_grpo.data.check import check_file, format_report, geneval_record_error, validate_records, world_vocabulary
 from udm_grpo.data.geneval_prompts import decode, generate, record_line
 from udm_grpo.data.prompts import load_prompts
 from udm_grpo.errors import UserError
@@ -114,3 +114,26 @@ def test_genevals_own_metadata_is_valid_and_fully_overlaps_itself():
     assert report.prompts == 553 and report.duplicates == 0 and report.overlap == 553
     assert report.tags == {"single_object": 80, "two_object": 99, "counting": 80, "colors": 94, "position": 100,
                            "color_attr": 100}
+
+
+def test_one_rule_set_with_the_vocabulary_as_a_parameter():
+    """`data check --task geneval` and the GenEval-rule rewards share `geneval_record_error`; only the classes
+    and colours differ (GenEval's 80 classes and 10 colours, or the tiny world's for ShapeEval)."""
+    from udm_grpo.data import shapes
+    from udm_grpo.rewards.geneval import GenEvalReward
+    from udm_grpo.rewards.shapeeval import ShapeEvalReward
+
+    cow = {"tag": "colors", "include": [{"class": "cow", "count": 1, "color": "pink"}], "prompt": "a pink cow"}
+    circle = {"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "pink"}], "prompt": "p"}
+    assert geneval_record_error(cow, "x") is None and GenEvalReward.check_records([cow]) is None
+    assert geneval_record_error(circle, "x") == (
+        "x: include[0] has class 'circle', which is not one of the 80 COCO classes.")
+    world = ", ".join(shapes.COLORS)
+    assert geneval_record_error(circle, "x", world_vocabulary()) == (
+        f"x: include[0] has colour 'pink', which is not one of {world}.")
+    assert ShapeEvalReward.check_records([circle]) == (0, f"include[0] has colour 'pink', which is not one of {world}.")
+    for rec in ({**cow, "include": [{"class": "cow", "count": True}]}, {**cow, "tag": None}, {**cow, "prompt": " "}):
+        error = geneval_record_error(rec, "f.jsonl:1")
+        assert error and error.startswith("f.jsonl:1: ")
+        for hook in (GenEvalReward.check_records, ShapeEvalReward.check_records):
+            assert hook([rec]) == (0, error.removeprefix("f.jsonl:1: "))

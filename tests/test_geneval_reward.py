@@ -61,8 +61,9 @@ def test_end_to_end_on_tiny_models(tiny_models):
     again = build_reward("geneval", {"detector": detector, "clip": clip, "device": "cpu", "batch_size": 3})
     assert torch.equal(again(images, prompts, RECORDS).scores, out.scores)  # deterministic, batch-size invariant
     assert one.labels[1] == "computer mouse"  # COCO's name mapped to GenEval's
-    with pytest.raises(UserError, match="'unicorn'"):
-        one(images[:1], ["a unicorn"], [{"include": [{"class": "unicorn", "count": 1}], "prompt": "a unicorn"}])
+    with pytest.raises(UserError, match=r"^metadata\[0\]: include\[0\] has class 'unicorn', which is not one of"):
+        one(images[:1], ["a unicorn"], [{"tag": "single_object", "include": [{"class": "unicorn", "count": 1}],
+                                         "prompt": "a unicorn"}])
     with pytest.raises(UserError, match="metadata record"):
         one(images[:1], ["a cup"], [None])
 
@@ -181,3 +182,24 @@ def test_score_command_and_trainer_with_geneval(tiny_models, tmp_path, capsys):
                                    "sampling.num_prompts_per_step": 2, "training.max_steps": 1})
     metrics = UDMGRPOTrainer(cfg, pipeline=tiny_pipeline(), progress=False).train_step()
     assert {"reward/strict", "reward/score", "train/loss"} <= set(metrics)
+
+
+def test_records_are_validated_before_the_models_load(tmp_path):
+    """Schema-invalid metadata is refused naming the item and field without loading a model, and a plain-text
+    prompt file is refused at load time naming file:1."""
+    from udm_grpo.data.prompts import load_prompts
+    from udm_grpo.rewards import check_prompt_source
+
+    reward = GenEvalReward(detector=str(tmp_path / "absent"), clip=str(tmp_path / "absent"), device="cpu")
+    image = np.zeros((1, 32, 32, 3), np.uint8)
+    bad = {**RECORDS[1], "include": [{"class": "dog", "count": 0}]}
+    with pytest.raises(UserError, match=r"^metadata\[0\]: include\[0\]: 'count' must be an integer >= 1\.$"):
+        reward(image, [bad["prompt"]], [bad])
+    assert reward._detector is None
+    assert GenEvalReward.check_records(RECORDS) is None
+    assert GenEvalReward.check_records([RECORDS[0], {**RECORDS[0], "tag": "shapes"}])[0] == 1
+    text = tmp_path / "a.txt"
+    text.write_text("a photo of a cup\n")
+    with pytest.raises(UserError, match=rf"^{text}:1: the GenEval reward needs GenEval-schema metadata records "
+                                        r"\(a \.jsonl of GenEval records, e\.g\. from `udm-grpo data geneval`\)"):
+        check_prompt_source("geneval", load_prompts(str(text)), str(text))

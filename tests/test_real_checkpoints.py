@@ -219,7 +219,7 @@ def test_cli_reads_the_cache_from_the_environment(tmp_path):
     done = subprocess.run([*cmd, "--model", REPO], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert png.is_file() and not sentinel.exists()
-    missing = subprocess.run([*cmd, "--model", "BAAI/URSA-1.7B-IBQ512"], env=env, capture_output=True, text=True,
-                             timeout=300)
+    missing = subprocess.run([*cmd, "--force", "--model", "BAAI/URSA-1.7B-IBQ512"], env=env, capture_output=True,
+                             text=True, timeout=300)
     assert missing.returncode == 2 and "not in the Hugging Face cache" in missing.stderr
     assert missing.stderr.count("\n") == 1

@@ -92,7 +92,7 @@ def test_status_codes(server):
     big = np.zeros((300, 300, 3), np.uint8)
     assert post(server, {**good, "images": [png(big)] * 2}).status_code == 413
     bad = post(server, {**good, "metadata": [None, None]})  # ShapeEval needs GenEval metadata
-    assert bad.status_code == 422 and "prompt 0" in bad.json()["detail"]
+    assert bad.status_code == 422 and bad.json()["detail"].startswith("metadata[0]: ShapeEval needs")
     assert post(server, {**good, "images": ["not base64!", good["images"][1]]}).status_code == 422
 
 
@@ -138,3 +138,79 @@ def test_client_retries_then_reports(token_file, monkeypatch):
     with pytest.raises(UserError, match="cannot be reached"):
         RemoteReward("http://127.0.0.1:9", token_file, retries=2, backoff=0.0)(images, prompts, records)
     assert len(calls) == 3
+
+
+def test_a_huge_png_is_413_from_its_header(server):
+    from PIL import Image
+
+    images, prompts, records = batch(1)
+    buf = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buf, format="PNG")  # 400 Mpx, ~50 kB; PIL refuses it as a bomb
+    start = time.perf_counter()
+    r = post(server, {"images": [base64.b64encode(buf.getvalue()).decode()], "prompts": prompts, "metadata": records})
+    assert r.status_code == 413 and r.json()["detail"] == "item 0: the image is 20000x20000, over 256 px."
+    assert time.perf_counter() - start < 2
+    at_cap = np.zeros((256, 256, 3), np.uint8)
+    assert post(server, {"images": [png(at_cap)], "prompts": prompts, "metadata": records}).status_code == 200
+
+
+def test_deeply_nested_json_is_422(server):
+    r = post(server, None, raw=b"[" * 100_000)
+    assert r.status_code == 422 and r.json()["detail"] == "the body is not JSON (nested too deeply)."
+    r = post(server, None, raw=b'{"images": ' + b"[" * 100_000)
+    assert r.status_code == 422 and "nested too deeply" in r.json()["detail"]
+
+
+BAD_RECORDS = [  # each scored 200 with full marks before metadata was validated
+    ({"tag": "counting", "include": [{"class": "circle", "count": -1}], "prompt": "a photo of a circle"},
+     "include[0]: 'count' must be an integer >= 1."),
+    ({"tag": "lots", "include": [], "prompt": "a photo of a circle"}, "tag 'lots' is not one of GenEval's tags"),
+    ({"tag": "colors", "include": ["circle"], "prompt": "a photo of a circle"}, "include[0] must be a JSON object."),
+]
+
+
+@pytest.mark.parametrize("record, reason", BAD_RECORDS)
+def test_schema_invalid_metadata_is_422_with_data_checks_sentence(server, tmp_path, capsys, record, reason):
+    from udm_grpo.cli import main
+
+    images, prompts, _ = batch(1)
+    r = post(server, {"images": [png(images[0])], "prompts": prompts, "metadata": [record]})
+    detail = r.json()["detail"]
+    assert r.status_code == 422 and detail.startswith(f"metadata[0]: {reason}"), detail
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    assert main(["data", "check", str(path), "--task", "geneval"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].endswith(f"{path}:1: {detail.removeprefix('metadata[0]: ')}"), (err, detail)
+
+
+def serve(capsys, *args) -> tuple[int, list[str]]:
+    from udm_grpo.cli import main
+
+    code = main(["serve-reward", "--reward", "shapeeval", *args])
+    return code, [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+
+
+@pytest.mark.parametrize("flag", ["--max-batch", "--max-side"])
+def test_serve_reward_refuses_zero_limits(token_file, capsys, flag):
+    from udm_grpo.cli import main
+
+    assert main(["serve-reward", "--reward", "shapeeval", "--token-file", token_file, flag, "0"]) == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_serve_reward_checks_host_port_and_token_before_building_the_reward(token_file, tmp_path, capsys,
+                                                                             monkeypatch):
+    import udm_grpo.rewards as rewards
+
+    monkeypatch.setattr(rewards, "build_reward", lambda *a, **k: pytest.fail("the reward was built"))
+    code, err = serve(capsys, "--token-file", token_file, "--host", "no.such.host.invalid")
+    assert code == 2 and len(err) == 1 and "--host no.such.host.invalid: cannot be resolved (" in err[0], err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, err = serve(capsys, "--token-file", token_file, "--port", str(port))
+    assert code == 2 and err == [f"udm-grpo serve-reward: error: --port {port} on 127.0.0.1 is in use."]
+    code, err = serve(capsys, "--token-file", str(tmp_path))
+    assert code == 2 and len(err) == 1 and f"token file {tmp_path} is a folder" in err[0]

@@ -1,4 +1,5 @@
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -251,3 +252,47 @@ def test_census_counts_clean_shapes_among_the_blobs_drawn():
     assert paid.scores.tolist() == pytest.approx([plain.scores[0].item() - 0.6 * 2 / 3, plain.scores[1].item()])
     with pytest.raises(UserError, match="parameter 'clean' must be a weight >= 0"):
         ShapeEvalReward(clean=-1)
+
+
+def test_reward_validates_metadata_fully_before_scoring():
+    """Schema-invalid records (`data check`'s rules) and classes or colours outside the tiny world are refused
+    naming the item and field; before, `count: -1` and an unknown tag with no objects scored full marks."""
+    records = generate_records("test")[:1]
+    image = render_batch(records, np.random.default_rng(0))
+    reward = ShapeEvalReward()
+    cases = [({"include": [{"class": "circle", "count": -1}]}, "include[0]: 'count' must be an integer >= 1."),
+             ({"tag": "anything", "include": []}, "tag 'anything' is not one of GenEval's tags"),
+             ({"include": ["circle"]}, "include[0] must be a JSON object."),
+             ({"include": [{"class": "dog", "count": 1}]}, "include[0] has class 'dog', which is not one of the "
+                                                            "tiny world's classes (circle, square, triangle)."),
+             ({"include": [{"class": "circle", "count": 1, "color": "pink"}]}, "include[0] has colour 'pink'")]
+    for change, reason in cases:
+        bad = {**records[0], **change}
+        with pytest.raises(UserError) as e:
+            reward(image, [bad["prompt"]], [bad])
+        assert str(e.value).startswith(f"metadata[0]: {reason}"), str(e.value)
+        assert ShapeEvalReward.check_records([records[0], bad]) == (1, str(e.value).removeprefix("metadata[0]: "))
+    assert ShapeEvalReward.check_records(generate_records("all")) is None
+
+
+def test_a_prompt_file_is_checked_against_shapeevals_records(tmp_path):
+    from udm_grpo.data.prompts import load_prompts
+    from udm_grpo.rewards import check_prompt_source
+
+    text = tmp_path / "a.txt"
+    text.write_text("a photo of a circle\n")
+    for name in ("shapeeval", ["clipscore", "shapeeval"]):
+        with pytest.raises(UserError, match=rf"^{text}:1: ShapeEval needs GenEval-schema metadata records \(.*\), "
+                                            "not plain prompts\\.$"):
+            check_prompt_source(name, load_prompts(str(text)), str(text))
+    good = generate_records("test")[:2]
+    dog = {**good[0], "include": [{"class": "dog", "count": 1}]}
+    meta = tmp_path / "m.jsonl"
+    meta.write_text("".join(json.dumps(r) + "\n" for r in (good[0], {}, good[1], dog)).replace("{}\n", "\n"))
+    with pytest.raises(UserError, match=rf"^{meta}:4: include\[0\] has class 'dog'"):
+        check_prompt_source("shapeeval", load_prompts(str(meta)), str(meta))
+    check_prompt_source("geneval", [dog], str(meta))  # the vocabulary is the reward's: GenEval knows dogs
+    with pytest.raises(UserError, match=r"^shapes:train prompt 1: include\[0\] has class '\w+', which is not one "
+                                        "of the 80 COCO classes"):
+        check_prompt_source("geneval", load_prompts("shapes:train"), "shapes:train")
+    check_prompt_source("shapeeval", load_prompts("shapes:train"), "shapes:train")

@@ -47,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a bad argument (one line on stderr): the status as a return
+        return e.code if isinstance(e.code, int) else 2
     if not args.command:
         parser.print_help()
         return 0

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .outputs import LOCK_NAME, FolderLock, check_not_in_use, check_output, holds_files, write_text_atomic
+from .outputs import LOCK_NAME, FolderLock, check_output, holds_files, write_text_atomic
 from .stats import half_width, mean_of_groups_half_width
 
 CONFIG, DONE, SCORES, META = "eval_config.json", "done.json", "scores.json", "metadata.jsonl"
@@ -136,23 +136,22 @@ def check_suite_output(out: Path, config: dict, force: bool, rescore: bool) -> b
     return False
 
 
+@contextlib.contextmanager
 def prepare_output(out: Path, config: dict, force: bool, rescore: bool, procs: Processes):
-    """`check_suite_output` on every process, then the main process locks the folder (`FolderLock`, returned to
-    be released when the evaluation ends; a null context on the other processes), empties it when needed
-    (keeping the lock) and records `config`; the others wait for it."""
+    """Context manager: `check_suite_output` on every process, then the main process locks the folder
+    (`FolderLock`, held until the block ends), empties it when needed (keeping the lock) and records `config`;
+    the others wait for it."""
     clear = check_suite_output(out, config, force, rescore)
     procs.barrier()
-    lock = contextlib.nullcontext()
-    if procs.is_main:
-        check_not_in_use(out)
-        lock = FolderLock(out).acquire()
-        if clear:
-            for item in out.iterdir():
-                if item.name != LOCK_NAME:
-                    shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
-        write_text_atomic(out / CONFIG, json.dumps(config, indent=2) + "\n")
-    procs.barrier()
-    return lock
+    with FolderLock(out) if procs.is_main else contextlib.nullcontext():
+        if procs.is_main:
+            if clear:
+                for item in out.iterdir():
+                    if item.name != LOCK_NAME:
+                        shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+            write_text_atomic(out / CONFIG, json.dumps(config, indent=2) + "\n")
+        procs.barrier()
+        yield
 
 
 # ---- sampling ---------------------------------------------------------------------------------------
@@ -205,14 +204,11 @@ def sample_to_folder(pipe, records: list[dict], out: Path, images_per_prompt: in
 
 
 def read_images(folder: Path, images_per_prompt: int) -> np.ndarray:
-    """uint8 [n, H, W, 3] of one prompt folder."""
-    from PIL import Image
+    """uint8 [n, H, W, 3] of one prompt folder (through `images.decode_image`, like every image read)."""
+    from .images import decode_image
 
-    out = []
-    for k in range(images_per_prompt):
-        with Image.open(folder / "samples" / image_name(k)) as im:
-            out.append(np.asarray(im.convert("RGB")))
-    return np.stack(out)
+    return np.stack([decode_image(path, what=str(path)) for path in
+                     (folder / "samples" / image_name(k) for k in range(images_per_prompt))])
 
 
 # ---- scoring ----------------------------------------------------------------------------------------

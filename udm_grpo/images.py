@@ -1,8 +1,11 @@
-"""Image helpers: captioned grids and PNG writing."""
+"""Image helpers: decoding image files a user names or sends (with a size cap), captioned grids, PNG writing."""
 
 from __future__ import annotations
 
+import io
 import math
+import os
+import warnings
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -10,7 +13,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .errors import UserError
+
 INK, PAPER = (0, 0, 0), (255, 255, 255)
+MAX_IMAGE_SIDE = 4096  # default cap on an image side (px) for decode_image; env UDM_GRPO_MAX_IMAGE_SIDE overrides
+MAX_SIDE_ENV = "UDM_GRPO_MAX_IMAGE_SIDE"
+HEADER_BYTES = 1 << 20  # read to find the size of an image PIL refuses as a decompression bomb
 
 
 @lru_cache(maxsize=8)
@@ -109,10 +117,83 @@ def grouped_grid(images: np.ndarray, groups: Sequence[tuple[str, Sequence[int]]]
 
 
 def save_png(image: Image.Image, path: str | Path) -> Path:
-    """Write atomically (temporary file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    """Write atomically (`outputs.atomic_file`: a failed write leaves nothing behind)."""
+    from .outputs import atomic_file
+
+    with atomic_file(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)
+
+
+class ImageTooLarge(UserError):
+    """An image whose header gives a side over the cap; `size` = (width, height) from the header (None when PIL
+    refused it as a decompression bomb and no plugin read the size without that check)."""
+
+    def __init__(self, message: str, size: tuple[int, int] | None):
+        super().__init__(message)
+        self.size = size
+
+
+def max_image_side() -> int:
+    """The default cap on an image side: $UDM_GRPO_MAX_IMAGE_SIDE when set, else `MAX_IMAGE_SIDE`."""
+    text = os.environ.get(MAX_SIDE_ENV, "").strip()
+    if not text:
+        return MAX_IMAGE_SIDE
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(f"environment variable {MAX_SIDE_ENV} must be an integer >= 1, got {text!r}.")
+    return int(text)
+
+
+def _header_size(source: io.BytesIO | Path) -> tuple[int, int] | None:
+    """(width, height) that the first PIL plugin accepting the first `HEADER_BYTES` of `source` reads from them,
+    without PIL's decompression-bomb check (which refuses before the size is known); None when none reads it."""
+    if isinstance(source, Path):
+        with source.open("rb") as f:
+            head = f.read(HEADER_BYTES)
+    else:
+        head = source.getvalue()[:HEADER_BYTES]
+    Image.init()
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        try:
+            ok = accept is None or accept(head[:16])
+            if ok and not isinstance(ok, str):
+                return factory(io.BytesIO(head), "").size
+        except Exception:
+            continue
+    return None
+
+
+def decode_image(data: bytes | str | Path, max_side: int | None = None, what: str = "image",
+                 formats: Sequence[str] | None = None) -> np.ndarray:
+    """uint8 [H, W, 3] (RGB) of an image file (a path) or its encoded bytes.
+
+    The header's size is checked before any pixel is decoded: a side over `max_side` (default
+    `max_image_side()`) raises `ImageTooLarge`; anything PIL cannot decode (unknown format, truncated or
+    corrupt data, a format outside `formats`, e.g. ("PNG", "JPEG")) raises UserError. Both are one sentence
+    naming `what`; PIL's decompression-bomb warning and error never escape.
+    """
+    cap = max_image_side() if max_side is None else int(max_side)
+    source = io.BytesIO(data) if isinstance(data, bytes) else Path(data)
+    over = f"px limit on an image side (--max-side or {MAX_SIDE_ENV})"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            try:
+                im = Image.open(source, formats=tuple(formats) if formats is not None else None)
+            except Image.DecompressionBombError:
+                size = _header_size(source)
+                shown = f"{size[0]}x{size[1]} px" if size else f"over {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels"
+                raise ImageTooLarge(f"{what} is {shown}, over the {cap} {over}.", size) from None
+            with im:
+                if min(im.size) < 1:
+                    raise UserError(f"{what} is an empty image ({im.size[0]}x{im.size[1]} px).")
+                if max(im.size) > cap:
+                    raise ImageTooLarge(f"{what} is {im.size[0]}x{im.size[1]} px, over the {cap} {over}.", im.size)
+                return np.asarray(im.convert("RGB"))
+    except UserError:
+        raise
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        raise UserError(f"{what} cannot be read ({e.strerror}).") from None
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, EOFError, struct.error, ... on bad data
+        raise UserError(f"{what} is not a readable image ({type(e).__name__}).") from None

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
+from .common import positive_int
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -21,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prompts-file", help="text file, one prompt per line, one line per image (in order)")
     src.add_argument("--metadata", help="JSONL file, one record with a 'prompt' per image (in order); "
                      "GenEval-schema records for rule-based rewards")
+    p.add_argument("--max-side", type=positive_int, default=None,
+                   help="refuse images with a side over this many px, read from the header before decoding "
+                   "(default $UDM_GRPO_MAX_IMAGE_SIDE, else 4096)")
 
 
 def image_files(paths: list[str]) -> list[Path]:
@@ -68,28 +72,25 @@ def prompts_and_metadata(args, n: int) -> tuple[list[str], list[dict | None]]:
 
         records = read_metadata_jsonl(args.metadata)
         meta = list(records)
+    source = args.prompts_file or args.metadata
     if len(records) != n:
-        source = args.prompts_file or args.metadata
         raise UserError(f"{source} holds {len(records)} prompts for {n} images; give one per image, in order.")
+    from ..rewards import check_prompt_source
+
+    check_prompt_source(args.reward, records, source)
     return [r["prompt"] for r in records], meta
 
 
 def run(args) -> int:
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
 
+    from ..images import decode_image
     from ..rewards import build_reward
 
     files = image_files(args.images)
     prompts, metadata = prompts_and_metadata(args, len(files))
+    images = [decode_image(f, args.max_side, str(f)) for f in files]
     reward = build_reward(args.reward, parse_params(args.param))
-    images = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                images.append(np.asarray(im.convert("RGB")))
-        except (UnidentifiedImageError, OSError) as e:
-            raise UserError(f"{f}: not a readable image ({type(e).__name__}).") from None
     by_shape: dict[tuple, list[int]] = {}
     for i, im in enumerate(images):
         by_shape.setdefault(im.shape, []).append(i)

@@ -9,6 +9,9 @@ Tasks and what a record must be:
 - pickscore: a non-blank prompt (.txt, one per line; or .jsonl records with a string "prompt")
 - ocr: as pickscore, and the prompt quotes a target (`rewards.ocr.ocr_target`)
 
+The rewards that score GenEval-schema records use the same rules (`geneval_record_error`) with their own
+classes and colours (`Vocabulary`): GenEval's 80 classes and 10 colours, or the tiny world's for ShapeEval.
+
 Prompts are compared (duplicates, overlap) by `prompt_key`: GenEval's phrasing of the record when the
 prompt is one of the GenEval grammar (so "two sheep" meets "two sheeps"), else its lower-cased text
 with single spaces. Schema errors are fatal (UserError: the first, and how many more); duplicates and
@@ -22,7 +25,9 @@ import statistics
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 from ..errors import UserError
 from .geneval_prompts import COCO_CLASSES, COLORS, TAGS, canonical_prompt, normalise_prompt
@@ -30,7 +35,6 @@ from .prompts import iter_lines, load_prompts, prompt_location
 
 TASKS: tuple[str, ...] = ("geneval", "pickscore", "ocr")
 SHOWN = 3  # example locations listed per warning
-_CLASSES, _COLORS = frozenset(COCO_CLASSES), frozenset(COLORS)
 
 
 def prompt_key(text: str) -> str:
@@ -38,7 +42,27 @@ def prompt_key(text: str) -> str:
     return canonical_prompt(text) or normalise_prompt(text)
 
 
-def _geneval_error(rec: dict, where: str) -> str | None:
+class Vocabulary(NamedTuple):
+    """What a GenEval-schema record may ask for: `classes` (named in errors as `classes_text`) and `colors`."""
+
+    classes_text: str
+    classes: frozenset[str]
+    colors: tuple[str, ...]
+
+
+GENEVAL_VOCABULARY = Vocabulary("the 80 COCO classes", frozenset(COCO_CLASSES), COLORS)
+
+
+@lru_cache(maxsize=1)
+def world_vocabulary() -> Vocabulary:
+    """The tiny world's vocabulary (`data.shapes.CLASSES`, `data.shapes.COLORS`), for ShapeEval."""
+    from . import shapes
+
+    return Vocabulary(f"the tiny world's classes ({', '.join(shapes.CLASSES)})", frozenset(shapes.CLASSES),
+                      tuple(shapes.COLORS))
+
+
+def _geneval_error(rec: dict, where: str, vocabulary: Vocabulary = GENEVAL_VOCABULARY) -> str | None:
     from .shapes import _check_record  # the GenEval schema's structure (keys, types, position indices)
 
     try:
@@ -51,10 +75,25 @@ def _geneval_error(rec: dict, where: str) -> str | None:
         return f"{where}: 'include' is empty; a record asks for at least one object."
     for part in ("include", "exclude"):
         for j, c in enumerate(rec.get(part, [])):
-            if c["class"] not in _CLASSES:
-                return f"{where}: {part}[{j}] has class {c['class']!r}, which is not one of the 80 COCO classes."
-            if "color" in c and c["color"] not in _COLORS:
-                return f"{where}: {part}[{j}] has colour {c['color']!r}, which is not one of {', '.join(COLORS)}."
+            if c["class"] not in vocabulary.classes:
+                return f"{where}: {part}[{j}] has class {c['class']!r}, which is not one of {vocabulary.classes_text}."
+            if "color" in c and c["color"] not in vocabulary.colors:
+                return (f"{where}: {part}[{j}] has colour {c['color']!r}, which is not one of "
+                        f"{', '.join(vocabulary.colors)}.")
+    return None
+
+
+def geneval_record_error(rec: object, where: str, vocabulary: Vocabulary = GENEVAL_VOCABULARY) -> str | None:
+    """The first problem of a GenEval-schema record (`data check --task geneval`'s rules, with the classes
+    and colours of `vocabulary`), as one sentence naming `where`; None when it is valid."""
+    return _prompt_error(rec, where) or _geneval_error(rec, where, vocabulary)
+
+
+def _prompt_error(rec: object, where: str) -> str | None:
+    if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+        return f"{where}: each record must be a JSON object with a string 'prompt'."
+    if not rec["prompt"].strip():
+        return f"{where}: the prompt is blank."
     return None
 
 
@@ -62,12 +101,10 @@ def record_error(rec: object, task: str, where: str) -> str | None:
     """The first problem of one record for `task`, as one sentence naming `where`; None when it is valid."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}")
-    if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-        return f"{where}: each line must be a JSON object with a string 'prompt'."
-    if not rec["prompt"].strip():
-        return f"{where}: the prompt is blank."
     if task == "geneval":
-        return _geneval_error(rec, where)
+        return geneval_record_error(rec, where)
+    if error := _prompt_error(rec, where):
+        return error
     if task == "ocr":
         from ..rewards.ocr import ocr_target
 

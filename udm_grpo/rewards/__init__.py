@@ -63,12 +63,28 @@ def build_reward(name: str | list[str], params: dict | None = None, weights: lis
 
 
 def check_prompt_source(name: str | list[str], records: list[dict], source: str) -> None:
-    """UserError naming file:line when a reward cannot score one of the prompts of `source` (e.g. the OCR
-    reward and a prompt that quotes no text); rewards say so with a `check_prompts(prompts)` hook."""
+    """UserError naming file:line when a reward cannot score one of the records of `source`. Reward classes say
+    so with optional static hooks returning the first (index, reason) or None: `check_prompts(prompts)` (e.g.
+    the OCR reward and a prompt that quotes no text) and `check_records(records)` (e.g. ShapeEval and a record
+    that is not a valid GenEval-schema record of its vocabulary, or a plain-text prompt)."""
     from ..data.prompts import prompt_location
 
     for n in name if isinstance(name, list) else [name]:
-        hook = getattr(_reward_class(n), "check_prompts", None)
-        bad = hook([r["prompt"] for r in records]) if hook else None
-        if bad is not None:
+        cls = _reward_class(n)
+        hook = getattr(cls, "check_prompts", None)
+        if hook and (bad := hook([r["prompt"] for r in records])):
             raise UserError(f"{prompt_location(source, bad[0])}: the prompt {records[bad[0]]['prompt']!r} {bad[1]}.")
+        hook = getattr(cls, "check_records", None)
+        if hook and (bad := hook(records)):
+            raise UserError(f"{prompt_location(source, bad[0])}: {bad[1]}")
+
+
+def records_problem(reward, records: list) -> tuple[int, str] | None:
+    """The first (index, reason) that the `check_records` hook of a built reward (of each component of a composed
+    one) finds in `records`, or None."""
+    parts = getattr(reward, "components", None)
+    for part in parts.values() if isinstance(parts, dict) else [reward]:
+        hook = getattr(part, "check_records", None)
+        if hook and (bad := hook(records)):
+            return bad
+    return None

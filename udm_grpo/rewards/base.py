@@ -6,12 +6,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..data.check import Vocabulary
 
 
 @dataclass
@@ -80,12 +83,28 @@ def check_batch(images: np.ndarray, prompts: list[str], metadata: list | None) -
                         f"{n_meta} metadata records.")
 
 
-def require_geneval_records(records: list, prompts: list[str] | None = None, reward: str = "ShapeEval") -> list[dict]:
-    """`records` when each is a GenEval-schema record (a dict with "include"); UserError naming the first
-    prompt without one otherwise."""
+def geneval_records_problem(records: list, reward: str, vocabulary: Vocabulary | None = None,
+                            hint: str = "") -> tuple[int, str] | None:
+    """(index, reason) of the first record that is not a valid GenEval-schema record for `reward` (the rules of
+    `udm-grpo data check --task geneval`, with the classes and colours of `vocabulary`, default GenEval's),
+    None when all are. The reason is one sentence without a location (the caller prefixes one); a record
+    holding only a prompt is told that `reward` needs metadata records (`hint` says where to get them)."""
+    from ..data.check import GENEVAL_VOCABULARY, geneval_record_error
+
     for i, r in enumerate(records):
-        if not isinstance(r, dict) or "include" not in r:
-            what = f" ({prompts[i]!r})" if prompts is not None else ""
-            raise UserError(f"{reward} needs a GenEval-schema metadata record for every prompt; "
-                            f"prompt {i}{what} has none.")
+        if r is None:
+            return i, f"{reward} needs a GenEval-schema metadata record for every prompt; this prompt has none."
+        if isinstance(r, dict) and set(r) == {"prompt"}:
+            where = f" ({hint})" if hint else ""
+            return i, f"{reward} needs GenEval-schema metadata records{where}, not plain prompts."
+        if error := geneval_record_error(r, "@", vocabulary or GENEVAL_VOCABULARY):  # "@: reason"
+            return i, error.removeprefix("@: ")
+    return None
+
+
+def require_geneval_records(records: list, reward: str, vocabulary: Vocabulary | None = None,
+                            hint: str = "") -> list[dict]:
+    """`records` when `geneval_records_problem` finds none; UserError "metadata[i]: reason" otherwise."""
+    if bad := geneval_records_problem(records, reward, vocabulary, hint):
+        raise UserError(f"metadata[{bad[0]}]: {bad[1]}")
     return records

@@ -28,12 +28,21 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, ConfigError, UserError
-from .base import RewardOutput, blend_strict, check_batch, require_geneval_records, strict_weight, to_uint8_images
+from .base import (
+    RewardOutput,
+    blend_strict,
+    check_batch,
+    geneval_records_problem,
+    require_geneval_records,
+    strict_weight,
+    to_uint8_images,
+)
 from .geneval_rules import GENEVAL_COLORS, Detection, evaluate, filter_detections
 
 COCO_TO_GENEVAL = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard"}
 TEMPLATES = ("a photo of a {c} {cls}", "a photo of a {c}-colored {cls}", "a photo of a {c} object")
 GREY = 0x99
+RECORDS_HINT = "a .jsonl of GenEval records, e.g. from `udm-grpo data geneval`"
 
 
 def object_crop(image: np.ndarray, mask: np.ndarray, box) -> np.ndarray:
@@ -181,11 +190,17 @@ class GenEvalReward:
                     d.color = colour
         return dets
 
+    @staticmethod
+    def check_records(records: list) -> tuple[int, str] | None:
+        """(index, reason) of the first record that is not a GenEval-schema record over GenEval's 80 classes and
+        10 colours, or None."""
+        return geneval_records_problem(records, "the GenEval reward", hint=RECORDS_HINT)
+
     def __call__(self, images, prompts: list[str], metadata: list[dict | None]) -> RewardOutput:
         images = to_uint8_images(images)
         check_batch(images, prompts, metadata)
         metadata = require_geneval_records(list(metadata) if metadata is not None else [None] * len(prompts),
-                                           list(prompts), "the GenEval reward")
+                                           "the GenEval reward", hint=RECORDS_HINT)
         if self._detector is None:
             self._load()
         names = set(self.labels.values())

@@ -8,8 +8,11 @@ Protocol (JSON only; nothing is unpickled or evaluated):
     GET  /health  {"reward": NAME}
 
 Bad requests are always 4xx with one sentence in "detail": 401 a missing or wrong token; 413 a body over
-`max_body` bytes, more than `max_batch` images or an image side over `max_side`; 422 anything malformed,
-or what the reward refuses. `RemoteReward` is the client (reward name `remote`): PNG-encoded images, a
+`max_body` bytes, more than `max_batch` images or an image side over `max_side` (read from the image header,
+before decoding pixels); 422 anything malformed (JSON nested too deeply included), metadata records that the
+reward's `check_records` hook refuses (checked before the reward is called: for ShapeEval and GenEval the
+rules of `udm-grpo data check`, e.g. "metadata[3]: include[0]: 'count' must be an integer >= 1."), or what
+the reward refuses. `RemoteReward` is the client (reward name `remote`): PNG-encoded images, a
 timeout, retries with exponential backoff on connection errors and 5xx only, non-finite scores refused.
 """
 
@@ -30,10 +33,9 @@ from .base import RewardOutput, check_batch, to_uint8_images
 
 
 def read_token(path: str | Path) -> str:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"token file {path} does not exist.")
-    token = path.read_text().strip()
+    from ..textfiles import read_text
+
+    token = read_text(path, "token file").strip()
     if len(token) < 16:
         raise UserError(f"token file {path} must hold a token of at least 16 characters.")
     return token
@@ -47,10 +49,12 @@ class BadRequest(Exception):
 
 def decode_request(body: bytes, max_batch: int, max_side: int) -> tuple[np.ndarray, list[str], list]:
     """(uint8 images [B, H, W, 3], prompts, metadata) of a /score body; BadRequest otherwise."""
-    from PIL import Image, UnidentifiedImageError
+    from ..images import ImageTooLarge, decode_image
 
     try:
         data = json.loads(body)
+    except RecursionError:
+        raise BadRequest(422, "the body is not JSON (nested too deeply).") from None
     except (ValueError, UnicodeDecodeError):
         raise BadRequest(422, "the body is not JSON.") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
@@ -67,18 +71,38 @@ def decode_request(body: bytes, max_batch: int, max_side: int) -> tuple[np.ndarr
             raise BadRequest(422, f"item {i}: the prompt must be a string and the metadata an object or null.")
     arrays = []
     for i, item in enumerate(images):
+        unreadable = BadRequest(422, f"item {i}: not a base64 PNG or JPEG image.")
         try:
-            im = Image.open(io.BytesIO(base64.b64decode(item, validate=True)))
-            if im.format not in ("PNG", "JPEG"):
-                raise BadRequest(422, f"item {i}: the image must be PNG or JPEG, got {im.format}.")
-            if max(im.size) > max_side:
-                raise BadRequest(413, f"item {i}: the image is {im.size[0]}x{im.size[1]}, over {max_side} px.")
-            arrays.append(np.asarray(im.convert("RGB")))
-        except (TypeError, binascii.Error, ValueError, UnidentifiedImageError, OSError, Image.DecompressionBombError):
-            raise BadRequest(422, f"item {i}: not a base64 PNG or JPEG image.") from None
+            raw = base64.b64decode(item, validate=True)
+        except (TypeError, binascii.Error, ValueError):
+            raise unreadable from None
+        try:
+            arrays.append(decode_image(raw, max_side, f"item {i}", formats=("PNG", "JPEG")))
+        except ImageTooLarge as e:
+            size = f"{e.size[0]}x{e.size[1]}" if e.size else "too large"
+            raise BadRequest(413, f"item {i}: the image is {size}, over {max_side} px.") from None
+        except UserError:
+            raise unreadable from None
     if len({a.shape for a in arrays}) != 1:
         raise BadRequest(422, "all images of a request must have one size.")
     return np.stack(arrays), prompts, metadata
+
+
+def check_request(body: bytes, reward, max_batch: int, max_side: int) -> tuple[np.ndarray, list[str], list]:
+    """`decode_request`, then the reward's `check_records` hook on the metadata (see `records_problem`); any
+    failure is a BadRequest, whatever a malformed body makes the decoders raise."""
+    from . import records_problem
+
+    try:
+        images, prompts, metadata = decode_request(body, max_batch, max_side)
+        bad = records_problem(reward, metadata)
+    except BadRequest:
+        raise
+    except Exception as e:
+        raise BadRequest(422, f"the request cannot be read ({type(e).__name__}).") from None
+    if bad:
+        raise BadRequest(422, f"metadata[{bad[0]}]: {bad[1]}")
+    return images, prompts, metadata
 
 
 def create_app(reward, name: str, token: str, max_batch: int = 64, max_side: int = 2048,
@@ -107,12 +131,14 @@ def create_app(reward, name: str, token: str, max_batch: int = 64, max_side: int
             if len(body) > max_body:
                 return JSONResponse({"detail": f"the body is over {max_body} bytes."}, status_code=413)
         try:
-            images, prompts, metadata = decode_request(body, max_batch, max_side)
+            images, prompts, metadata = check_request(body, reward, max_batch, max_side)
             with lock:
                 out = reward(images, prompts, metadata)
         except BadRequest as e:
             return JSONResponse({"detail": e.detail}, status_code=e.status)
-        except (UserError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        except UserError as e:
+            return JSONResponse({"detail": (str(e) or type(e).__name__).splitlines()[0]}, status_code=422)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             return JSONResponse({"detail": f"reward '{name}' cannot score this request: {first}"}, status_code=422)
         return {"scores": out.scores.tolist(), "values": {k: v.tolist() for k, v in out.values.items()}}

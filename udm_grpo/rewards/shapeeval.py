@@ -33,9 +33,18 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from ..data.check import world_vocabulary
 from ..data.shapes import BACKGROUND, CLASSES, COLORS, MAX_SIZE, TAGS, shape_mask
 from ..errors import UserError
-from .base import RewardOutput, blend_strict, check_batch, require_geneval_records, strict_weight, to_uint8_images
+from .base import (
+    RewardOutput,
+    blend_strict,
+    check_batch,
+    geneval_records_problem,
+    require_geneval_records,
+    strict_weight,
+    to_uint8_images,
+)
 from .geneval_rules import Detection, evaluate
 
 _NAMES = list(COLORS)
@@ -43,6 +52,7 @@ _PALETTE = np.array([BACKGROUND] + [COLORS[c] for c in _NAMES], dtype=np.float32
 MAX_SIDE = round(1.3 * MAX_SIZE)  # longest plausible box side (px)
 MIN_ASPECT = 0.6  # least plausible min / max box side
 CLEAN_PURITY = 0.9  # a clean shape's share of its main colour (the census only, not the rules)
+RECORDS_HINT = "the tiny world's records, e.g. shapes:train, or a .jsonl of GenEval records over its classes"
 
 
 @lru_cache(maxsize=4096)
@@ -167,7 +177,7 @@ def score_images(images, records: list[dict], **kwargs) -> tuple[np.ndarray, np.
     """(scores float[B], strict bool[B], details per image) for uint8 images [B, H, W, 3] (numpy or torch).
     Details: `evaluate`'s, plus the image's census "blobs" and "clean" (see `detect`)."""
     images = to_uint8_images(images)
-    records = require_geneval_records(records)
+    records = require_geneval_records(records, "ShapeEval", world_vocabulary(), RECORDS_HINT)
     if len(images) != len(records):
         raise UserError(f"ShapeEval got {len(images)} images for {len(records)} records.")
     labels = colour_labels(images, kwargs.get("colour_threshold", 70.0)) if len(images) else []
@@ -195,11 +205,16 @@ class ShapeEvalReward:
         self.detector_kwargs = {"min_area": min_area, "min_side": min_side, "max_side": max_side,
                                 "min_aspect": min_aspect, "min_iou": min_iou, "colour_threshold": colour_threshold}
 
+    @staticmethod
+    def check_records(records: list) -> tuple[int, str] | None:
+        """(index, reason) of the first record that is not a GenEval-schema record of the tiny world, or None."""
+        return geneval_records_problem(records, "ShapeEval", world_vocabulary(), RECORDS_HINT)
+
     def __call__(self, images, prompts: list[str], metadata: list[dict | None]) -> RewardOutput:
         images = to_uint8_images(images)
         check_batch(images, prompts, metadata)
-        records = require_geneval_records(list(metadata), list(prompts))
-        scores, stricts, details = score_images(images, records, **self.detector_kwargs)
+        scores, stricts, details = score_images(
+            images, list(metadata) if metadata is not None else [None] * len(prompts), **self.detector_kwargs)
         score_t, strict_t = torch.from_numpy(scores).float(), torch.from_numpy(stricts).float()
         clean = torch.tensor([d["clean"] / d["blobs"] if d["blobs"] else 1.0 for d in details])
         return RewardOutput(blend_strict(score_t, strict_t, self.strict) - self.clean * (1 - clean),

@@ -110,13 +110,15 @@ def run_model(checkpoint: str) -> str | None:
     `--checkpoint RUN` alone evaluates on the model the run trained; None for the tiny world or other layouts."""
     import yaml
 
+    from ..textfiles import read_text
+
     path = Path(checkpoint).resolve()
     for folder in (path, *path.parents[:3]):
         if (folder / "config.yaml").is_file() and (folder / "checkpoints").is_dir():
             try:
-                data = yaml.safe_load((folder / "config.yaml").read_text()) or {}
+                data = yaml.safe_load(read_text(folder / "config.yaml")) or {}
                 model = (data.get("model") or {}).get("path")
-            except (yaml.YAMLError, AttributeError):
+            except (UserError, yaml.YAMLError, AttributeError):
                 return None
             return model if isinstance(model, str) and model else None
     return None

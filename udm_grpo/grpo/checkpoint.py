@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, UserError
 from ..models.io import share_files
+from ..textfiles import read_text
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 REFERENCE_DIR = re.compile(r"^checkpoint-(\d+)$")  # the reference trainer's <out>/checkpoints/checkpoint-<step>
@@ -69,7 +70,7 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
     """The folder `latest` names, else the newest complete one; None when there is none."""
     pointer = checkpoints / "latest"
     if pointer.is_file():
-        named = checkpoints / pointer.read_text().strip()
+        named = checkpoints / read_text(pointer, "checkpoint pointer", CheckpointError).strip()
         if (named / "trainer_state.json").is_file():
             return named
     found = [p for p in list_checkpoints(checkpoints) if (p / "trainer_state.json").is_file()]

@@ -6,7 +6,9 @@ import json
 import math
 from pathlib import Path
 
-from ..outputs import atomic_file
+from ..errors import UserError
+from ..outputs import atomic_file, write_text_atomic
+from ..textfiles import iter_lines
 
 
 class RunLogger:
@@ -48,8 +50,8 @@ class RunLogger:
         for name in ("metrics.jsonl", "eval.jsonl"):
             path = self.run_dir / name
             if path.is_file():
-                keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-                path.write_text("".join(ln + "\n" for ln in keep))
+                keep = [json.dumps(row) for row in read_jsonl(path) if row.get("step", 0) <= step]
+                write_text_atomic(path, "".join(ln + "\n" for ln in keep))
 
     def close(self) -> None:
         if self.writer is not None:
@@ -59,9 +61,20 @@ class RunLogger:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    if not Path(path).is_file():
+    """The rows of a run's metrics.jsonl / eval.jsonl ([] when absent); UserError naming FILE:LINE of a line
+    that is not a JSON object."""
+    if not Path(path).exists():
         return []
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    rows = []
+    for n, text in iter_lines(path, "log file"):
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: not valid JSON ({e.msg}).") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{n}: each line must be a JSON object.")
+        rows.append(row)
+    return rows
 
 
 def plot_curves(run_dir: Path, out: Path | None = None) -> Path:

@@ -263,7 +263,7 @@ def _portable_tokenizer_class(config_file: Path) -> None:
     a tokenizer.json-backed tokenizer from `PreTrainedTokenizerFast`."""
     if not config_file.is_file():
         return
-    config = json.loads(config_file.read_text())
+    config = read_json(config_file, "tokenizer config", CheckpointError)
     if config.get("tokenizer_class") == "TokenizersBackend":
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
         config_file.write_text(json.dumps(config, indent=2) + "\n")

@@ -22,12 +22,11 @@ scores = (1 - w) * partial credit + w * strict 0/1 with w = `strict` (false = 0,
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
 from ..errors import CheckpointError, ConfigError, UserError
+from ..textfiles import iter_lines
 from .base import (
     RewardOutput,
     blend_strict,
@@ -111,7 +110,7 @@ class GenEvalReward:
                                   "reward.params.detector and reward.params.clip.") from None
         self.labels = {int(i): COCO_TO_GENEVAL.get(n, n) for i, n in id2label.items()}
         if self.class_names:
-            known = {ln.strip() for ln in Path(self.class_names).read_text().splitlines() if ln.strip()}
+            known = {text for _, text in iter_lines(self.class_names, "class names file", ConfigError)}
             unknown = [n for n in self.labels.values() if n not in known]
             if unknown:
                 raise ConfigError(f"reward 'geneval': the detector's class '{unknown[0]}' is not one of the names in "

@@ -114,8 +114,14 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
     """`text` (UTF-8) written to `path` through `atomic_file`."""
-    with atomic_file(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    return write_lines_atomic(path, [text], end="")
+
+
+def write_lines_atomic(path: str | Path, lines: Iterable[str], end: str = "\n") -> Path:
+    """Each of `lines` followed by `end`, streamed (UTF-8, '\n' newlines) to `path` through `atomic_file`."""
+    with atomic_file(path) as tmp, tmp.open("w", encoding="utf-8", newline="\n") as f:
+        for line in lines:
+            f.write(line + end)
     return Path(path)
 
 
@@ -157,7 +163,7 @@ class FolderLock:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        self.created, self._fd, self._depth = False, None, 0
+        self.created, self._fd, self._depth, self._outer = False, None, 0, None
 
     @property
     def file(self) -> Path:
@@ -166,9 +172,10 @@ class FolderLock:
     def acquire(self) -> FolderLock:
         key = str(self.folder.resolve())
         held = FolderLock._held.get(key)
-        if held is not None:
+        if held is not None:  # this process holds it already: count this use on the holder
             held._depth += 1
-            return held
+            self._outer, self.created = held, held.created
+            return self
         if fcntl is not None:
             try:
                 self.created = not self.folder.exists()
@@ -200,6 +207,9 @@ class FolderLock:
             os.close(fd)
 
     def release(self) -> None:
+        if self._outer is not None:
+            self._outer, outer = None, self._outer
+            return outer.release()
         self._depth -= 1
         if self._depth > 0:
             return

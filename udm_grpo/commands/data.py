@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from ..errors import UserError
-from ..outputs import atomic_file, check_output
+from ..outputs import check_output, write_lines_atomic
 from .common import nonnegative_int, positive_int
 
 MAX_PROMPTS = 10_000_000  # about 1.5 GB and 90 s; more is a mistake, not a data set
@@ -64,13 +63,6 @@ def parse_mix(text: str) -> dict[str, float]:
     return mix
 
 
-def write_jsonl(lines, out: Path) -> None:
-    """Write lines to `out` through `outputs.atomic_file` (whole or not at all)."""
-    with atomic_file(out) as tmp, tmp.open("w", encoding="utf-8", newline="\n") as f:
-        for line in lines:
-            f.write(line + "\n")
-
-
 def run_geneval(args) -> int:
     from ..data.geneval_prompts import SPACE, TAGS, excluded_by_tag, generate, record_line
     from ..data.prompts import load_prompts
@@ -93,7 +85,7 @@ def run_geneval(args) -> int:
               file=sys.stderr)
     mix = parse_mix(args.mix) if args.mix else None
     records, capacity = generate(args.num_prompts, args.seed, mix, exclude, args.plurals, args.distinct)
-    write_jsonl((record_line(r) for r in records), out)
+    write_lines_atomic(out, (record_line(r) for r in records))
     counts = {t: sum(r["tag"] == t for r in records) for t in TAGS}
     parts = []
     for t in TAGS:

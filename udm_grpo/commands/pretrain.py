@@ -48,9 +48,9 @@ def run(args) -> int:
             print("recording the final accuracy on the test split (base_eval.json)...", flush=True)
             saved = URSAPipeline.from_pretrained(partial)  # what users will load
             base_eval = record_base_eval(saved, cfg.sampling, cfg.final_images_per_tag)
-            (partial / "base_eval.json").write_text(json.dumps(base_eval, indent=2) + "\n")
+            write_text_atomic(partial / "base_eval.json", json.dumps(base_eval, indent=2) + "\n")
         record = {"wall_seconds": wall, "parameters": n_params, "history": history}
-        (partial / "pretrain_log.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_text_atomic(partial / "pretrain_log.json", json.dumps(record, indent=2) + "\n")
     print(f"wrote {out} in {record['wall_seconds']} s")
     return 0
 

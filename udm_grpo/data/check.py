@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..errors import UserError
+from ..textfiles import check_input_file, iter_lines
 from .geneval_prompts import COCO_CLASSES, COLORS, TAGS, canonical_prompt, normalise_prompt
-from .prompts import iter_lines, load_prompts, prompt_location
+from .prompts import load_prompts, prompt_location
 
 TASKS: tuple[str, ...] = ("geneval", "pickscore", "ocr")
 SHOWN = 3  # example locations listed per warning
@@ -162,9 +163,7 @@ def check_file(path: str | Path, task: str, eval_path: str | Path | None = None)
     """Stream a prompt file once; UserError for a missing file, a wrong suffix or schema errors."""
     if task not in TASKS:
         raise UserError(f"--task {task}: the tasks are {', '.join(TASKS)}.")
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"prompt file {path} does not exist.")
+    path = check_input_file(path, "prompt file")
     jsonl = path.suffix == ".jsonl"
     if task == "geneval" and not jsonl:
         raise UserError(f"{path}: GenEval prompts are metadata records, one JSON object per line in a .jsonl file.")

@@ -269,9 +269,9 @@ def render_batch(records: list[dict], rng: np.random.Generator, size: int = IMAG
 # ---- metadata files -----------------------------------------------------------------------------
 def write_metadata_jsonl(records: list[dict], path: str | Path) -> None:
     """One JSON record per line (GenEval's evaluation_metadata.jsonl layout)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    from ..outputs import write_lines_atomic
+
+    write_lines_atomic(path, (json.dumps(r) for r in records))
 
 
 def _check_record(rec: object, where: str) -> None:

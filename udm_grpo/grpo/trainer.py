@@ -359,10 +359,10 @@ class UDMGRPOTrainer:
 
         e = self.cfg.experiment
         first_eval = last_eval = self._eval_and_log() if self.step == 0 and e.eval_every else {}
-        bar = tqdm(total=max_steps, initial=self.step, desc="udm-grpo", disable=not self.progress)
         metrics: dict = {}
         interrupted = False
-        with StopOnSigint() as stop:
+        with StopOnSigint() as stop, tqdm(total=max_steps, initial=self.step, desc="udm-grpo",
+                                          disable=not self.progress) as bar:  # closed (a new line) on errors too
             while self.step < max_steps:
                 metrics = self.train_step()
                 self.step += 1
@@ -379,7 +379,6 @@ class UDMGRPOTrainer:
                 if interrupted:
                     break
                 started()
-        bar.close()
         if e.eval_every and self.step % e.eval_every != 0 and not interrupted:  # every process: it gathers
             last_eval = self._eval_and_log()
         if self.logger:

@@ -1,6 +1,7 @@
 """The tiny world: deterministic pretraining, the shipped base model, `sample` and `eval shapes`."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -53,22 +54,24 @@ import json, os, torch
 from udm_grpo.data.prompts import balance_tags
 from udm_grpo.data.shapes import generate_records
 from udm_grpo.models.pipeline import URSAPipeline
-from udm_grpo.tinyworld import SHIPPED_MODEL, SamplingDefaults, evaluate_shapes
+from udm_grpo.tinyworld import SHIPPED_MODEL, SamplingDefaults, cpu_vendor, evaluate_shapes
 torch.set_num_threads(min(2, os.cpu_count() or 1))  # as tests/conftest.py
 record = json.loads((SHIPPED_MODEL / "base_eval.json").read_text())["quick"]
 records = balance_tags(generate_records("test"), record["images_per_tag"])
 summary, _ = evaluate_shapes(URSAPipeline.from_pretrained(SHIPPED_MODEL), records, 1, record["seed"],
                              SamplingDefaults(**record["sampling"]))
-print(json.dumps({"level": torch.backends.cpu.get_cpu_capability(), "summary": summary}))
+print(json.dumps({"level": torch.backends.cpu.get_cpu_capability(), "vendor": cpu_vendor(), "summary": summary}))
 """
 RUNS = {"AVX512": {"AVX512", "AVX2", "DEFAULT"}, "AVX2": {"AVX2", "DEFAULT"}}  # kernel levels a CPU can select
 
 
 @shipped
 def test_shipped_model_reproduces_recorded_accuracy():
-    """base_eval.json is what the current code computes (its quick subset, exactly, at the CPU kernel level it
-    was recorded at, forced with ATEN_CPU_CAPABILITY in a fresh process): a change to the sampler, RNG use or
-    ShapeEval must re-record it (`udm-grpo pretrain --rescore -o <model>`)."""
+    """base_eval.json is what the current code computes (its quick subset, at the CPU kernel level it was recorded
+    at, forced with ATEN_CPU_CAPABILITY in a fresh process): a change to the sampler, RNG use or ShapeEval must
+    re-record it (`udm-grpo pretrain --rescore -o <model>`). Exactly on a CPU of the recorded vendor; on another
+    vendor's CPU (whose kernels draw other samples at the same level) every tag within the noise of two
+    evaluations (the hypot of their 95% half-widths)."""
     record = json.loads((SHIPPED_MODEL / "base_eval.json").read_text())["quick"]
     level = record["cpu_capability"]
     native = torch.backends.cpu.get_cpu_capability()
@@ -79,10 +82,17 @@ def test_shipped_model_reproduces_recorded_accuracy():
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["level"] == level
     summary = out["summary"]
-    for tag, row in record["per_tag"].items():
-        got = summary["per_tag"][tag]
-        assert (got["strict"], got["n"]) == (row["strict"], row["n"]), tag
-        assert got["score"] == pytest.approx(row["score"], abs=1e-12), tag
+    rows = [*record["per_tag"].items(), ("overall", record["overall"])]
+    for tag, row in rows:
+        got = summary["per_tag"].get(tag, summary["overall"])
+        assert got["n"] == row["n"], tag
+        if out["vendor"] == record["cpu_vendor"]:
+            assert got["strict"] == row["strict"], tag
+            assert got["score"] == pytest.approx(row["score"], abs=1e-12), tag
+        else:
+            for key in ("strict", "score"):
+                noise = math.hypot(got[f"{key}_ci95"], row[f"{key}_ci95"])
+                assert abs(got[key] - row[key]) <= noise, (tag, key, got[key], row[key], noise)
 
 
 @shipped

@@ -190,8 +190,9 @@ def record_base_eval(pipe: URSAPipeline, sampling: SamplingDefaults, images_per_
     """The accuracy recorded with a model (`base_eval.json`) on the test split at seed 0: "full" with
     `images_per_tag` images per tag and "quick" with 16 (what the tests re-check; also the trainer's
     held-out set). Small tags repeat their prompts (see `data.prompts.balance_tags`). Each records torch's CPU
-    kernel level (`cpu_capability`, e.g. "AVX2"): the draws depend on the kernels, so another level gives other
-    (equally valid) figures; `ATEN_CPU_CAPABILITY=avx2` selects that level on a CPU that has it."""
+    kernel level (`cpu_capability`, e.g. "AVX2") and the CPU's vendor (`cpu_vendor`): the draws depend on both
+    (the same level draws differently on Intel and AMD CPUs), so another machine gives other (equally valid)
+    figures; `ATEN_CPU_CAPABILITY=avx2` selects that level on a CPU that has it."""
     from .data.prompts import balance_tags
 
     out = {}
@@ -199,5 +200,19 @@ def record_base_eval(pipe: URSAPipeline, sampling: SamplingDefaults, images_per_
     for name, n in (("full", images_per_tag), ("quick", 16)):
         summary, _ = evaluate_shapes(pipe, balance_tags(generate_records("test"), n), 1, 0, sampling, progress=True)
         out[name] = {"split": "test", "images_per_tag": n, "seed": 0, "sampling": vars(sampling),
-                     "cpu_capability": level, **summary}
+                     "cpu_capability": level, "cpu_vendor": cpu_vendor(), **summary}
     return out
+
+
+def cpu_vendor() -> str:
+    """The CPU vendor id ("GenuineIntel", "AuthenticAMD", ...) from /proc/cpuinfo, else `platform.processor()`."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

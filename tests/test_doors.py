@@ -110,8 +110,13 @@ def test_sample_and_eval_shapes_refuse_to_replace_results_without_force(tmp_path
     ev = tmp_path / "ev"
     assert run(capsys, "eval", "shapes", "--metadata", meta, *FAST, "-o", ev)[0] == 0
     first = (ev / "results.json").read_bytes()
+    assert run(capsys, "eval", "shapes", "--metadata", meta, *FAST, "-o", ev)[0] == 0  # the same evaluation again
+    assert (ev / "results.json").read_bytes() == first
     line = refused(capsys, "eval", "shapes", "--metadata", meta, *FAST, "--seed", "1", "-o", ev)
-    assert "already holds files" in line and (ev / "results.json").read_bytes() == first
+    assert "records another evaluation (seed 0, now 1)" in line and (ev / "results.json").read_bytes() == first
+    (ev / "notes.txt").write_text("mine")
+    assert run(capsys, "eval", "shapes", "--metadata", meta, *FAST, "-o", ev)[0] == 0
+    assert (ev / "notes.txt").exists()  # a repeat touches only its own files
     assert run(capsys, "eval", "shapes", "--metadata", meta, *FAST, "--seed", "1", "-o", ev, "--force")[0] == 0
     assert json.loads((ev / "results.json").read_text())["seed"] == 1
 

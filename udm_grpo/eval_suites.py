@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .outputs import LOCK_NAME, FolderLock, check_output, holds_files, write_text_atomic
+from .outputs import FolderLock, check_output, empty_folder, holds_files, write_text_atomic
 from .stats import half_width, mean_of_groups_half_width
 
 CONFIG, DONE, SCORES, META = "eval_config.json", "done.json", "scores.json", "metadata.jsonl"
@@ -129,7 +129,7 @@ def check_suite_output(out: Path, config: dict, force: bool, rescore: bool) -> b
         was, now = (old.get(key), config.get(key)) if key == "benchmark" else (old_s.get(key), new_s[key])
         what = "other prompts" if key.startswith("prompts") else f"{key} {was!r}, now {now!r}"
         raise UserError(f"{out / CONFIG} records another evaluation ({what}); rerun with the same settings to "
-                        "resume it, choose another folder with -o, or add --force to empty it.")
+                        "resume or repeat it, choose another folder with -o, or add --force to empty it.")
     if old.get("scoring") != config["scoring"] and not rescore:
         raise UserError(f"{out / CONFIG} records other reward settings ({old.get('scoring')}, now "
                         f"{config['scoring']}); add --rescore to score its images again, or --force to start over.")
@@ -146,9 +146,7 @@ def prepare_output(out: Path, config: dict, force: bool, rescore: bool, procs: P
     with FolderLock(out) if procs.is_main else contextlib.nullcontext():
         if procs.is_main:
             if clear:
-                for item in out.iterdir():
-                    if item.name != LOCK_NAME:
-                        shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+                empty_folder(out)
             write_text_atomic(out / CONFIG, json.dumps(config, indent=2) + "\n")
         procs.barrier()
         yield

@@ -48,6 +48,13 @@ def holds_files(folder: Path) -> bool:
     return folder.is_dir() and any(p.name != LOCK_NAME for p in folder.iterdir())
 
 
+def empty_folder(folder: Path) -> None:
+    """Remove everything in `folder` but a lock file."""
+    for item in folder.iterdir():
+        if item.name != LOCK_NAME:
+            shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+
+
 def check_output(path: str | Path, kind: str = "file", force: bool = False, flag: str = "-o",
                  sources: Iterable[str | Path | None] = (), exists_ok: bool = False) -> Path:
     """`path` as a Path when the command may write it (see the module docstring); UserError otherwise.

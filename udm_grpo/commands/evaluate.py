@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from ..outputs import check_output, write_text_atomic
+from ..outputs import check_output, empty_folder, write_text_atomic
 from .common import (
     add_model_argument,
     load_pipeline,
@@ -46,6 +46,7 @@ def run(args) -> int:
 
 
 def run_shapes(args) -> int:
+    from .. import eval_suites as es
     from ..data.prompts import balance_tags
     from ..data.shapes import generate_records, read_metadata_jsonl
     from ..images import grouped_grid, save_png
@@ -69,13 +70,8 @@ def run_shapes(args) -> int:
             raise UserError("--per-tag needs a 'tag' in every metadata record.")
         records, args.images_per_prompt = balance_tags(records, args.per_tag), 1
     sampling = sampling_from_args(args)
-    out = check_output(args.output, "folder", args.force, sources=read_sources(args.model, args.checkpoint))
-    pipe = load_pipeline(args.model, args.device, args.checkpoint)
-    warn_unknown_words(pipe, [r["prompt"] for r in records], "eval")
     checkpoint, checkpoint_step = scored_checkpoint(args.checkpoint)
-    summary, images = evaluate_shapes(pipe, records, args.images_per_prompt, args.seed, sampling,
-                                      args.batch_size, progress=True)
-    result = {
+    settings = {
         "model": args.model or "shipped tiny-world model",
         "checkpoint": checkpoint,
         "checkpoint_step": checkpoint_step,
@@ -85,9 +81,18 @@ def run_shapes(args) -> int:
         "images_per_tag": args.per_tag,
         "seed": args.seed,
         "sampling": vars(sampling),
-        **summary,
     }
-    write_text_atomic(out / "results.json", json.dumps(result, indent=2) + "\n")
+    out = check_output(args.output, "folder", sources=read_sources(args.model, args.checkpoint), exists_ok=True)
+    config = json.loads(json.dumps({"benchmark": "shapes", "sampling": settings, "scoring": {"reward": "shapeeval"}}))
+    clear = es.check_suite_output(out, config, args.force, rescore=False)  # a rerun with other settings is refused
+    pipe = load_pipeline(args.model, args.device, args.checkpoint)
+    warn_unknown_words(pipe, [r["prompt"] for r in records], "eval")
+    summary, images = evaluate_shapes(pipe, records, args.images_per_prompt, args.seed, sampling,
+                                      args.batch_size, progress=True)
+    if clear:
+        empty_folder(out)
+    write_text_atomic(out / es.CONFIG, json.dumps(config, indent=2) + "\n")
+    write_text_atomic(out / "results.json", json.dumps({**settings, **summary}, indent=2) + "\n")
     per = args.images_per_prompt
     if per == 1:  # one row per tag: its first 8 images, each captioned with its prompt
         by_tag: dict[str, list[int]] = {}

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..outputs import LOCK_NAME, FolderLock, check_not_in_use, check_output, holds_files
+from ..outputs import FolderLock, check_not_in_use, check_output, empty_folder, holds_files
 
 
 def all_processes(acc, flag: bool) -> bool:
@@ -60,9 +60,7 @@ class RunFolder:
         if self.acc.is_main_process:
             self.lock = FolderLock(self.run_dir).acquire()
             if clear:
-                for item in self.run_dir.iterdir():
-                    if item.name != LOCK_NAME:
-                        shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+                empty_folder(self.run_dir)
             self._before = {p.name for p in self.run_dir.iterdir()}
             config = self.run_dir / "config.yaml"
             self._config = config.read_bytes() if config.is_file() else None

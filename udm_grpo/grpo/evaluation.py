@@ -83,7 +83,7 @@ def verdict(first: dict, last: dict, records: list[dict], steps: int, minutes: f
         lines.append("  The in-run evaluation is a rough indicator at this size.")
     if tiny_world:
         lines.append(f"Evaluate precisely (64 images per tag): {command_name()} eval shapes --per-tag 64 "
-                     f"--checkpoint {run_dir}")
+                     f"--checkpoint {run_dir} -o {run_dir / 'eval-shapes'}")
     lines.append(f"Run folder {run_dir}: samples/step-N.png (held-out images), curves.png, metrics.jsonl, "
                  "eval.jsonl, tensorboard/, checkpoints/.")
     return "\n".join(lines)

@@ -5,7 +5,7 @@ Every refusal is one sentence naming the file, and the line where the file is no
 - a path that does not exist, a folder, or something other than a regular file (a device such as /dev/null,
   a pipe, a socket) is named as such, never as "does not exist";
 - bytes that are not UTF-8 give `FILE:LINE: not UTF-8 text.`; a UTF-8 byte-order mark is dropped;
-- `read_json` adds `FILE: not valid JSON (reason at line N).`
+- `read_json` adds `FILE: not valid JSON (reason at line N).`, `iter_jsonl` `FILE:LINE: not valid JSON (reason).`
 
 `error` chooses the UserError subclass raised (ConfigError for config files, CheckpointError for model
 folders), so callers keep their error types.
@@ -61,12 +61,23 @@ def iter_lines(path: str | Path, what: str = "file", error: type[UserError] = Us
                 yield n, text
 
 
-def read_json(path: str | Path, what: str = "file", error: type[UserError] = UserError) -> Any:
-    """The parsed JSON of a UTF-8 file."""
-    text = read_text(path, what, error)
+def parse_json(text: str, where: str, error: type[UserError] = UserError) -> Any:
+    """`json.loads(text)`; `error` "WHERE: not valid JSON (reason)." otherwise."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise error(f"{path}: not valid JSON ({e.msg} at line {e.lineno}).") from None
+        at = f" at line {e.lineno}" if e.lineno > 1 else ""
+        raise error(f"{where}: not valid JSON ({e.msg}{at}).") from None
     except RecursionError:
-        raise error(f"{path}: not valid JSON (nested too deeply).") from None
+        raise error(f"{where}: not valid JSON (nested too deeply).") from None
+
+
+def read_json(path: str | Path, what: str = "file", error: type[UserError] = UserError) -> Any:
+    """The parsed JSON of a UTF-8 file."""
+    return parse_json(read_text(path, what, error), str(path), error)
+
+
+def iter_jsonl(path: str | Path, what: str = "file", error: type[UserError] = UserError) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON value) of each non-blank line of a JSON-lines file."""
+    for n, text in iter_lines(path, what, error):
+        yield n, parse_json(text, f"{path}:{n}", error)

@@ -10,7 +10,6 @@ over processes.
 
 from __future__ import annotations
 
-import json
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -20,17 +19,14 @@ from typing import TypeVar
 import numpy as np
 
 from ..errors import UserError
-from ..textfiles import check_input_file, iter_lines
+from ..textfiles import check_input_file, iter_lines, parse_json
 
 T = TypeVar("T")
 
 
 def parse_jsonl_line(text: str, where: str) -> dict:
     """One JSON object with a string 'prompt'; UserError naming `where` (FILE:LINE) otherwise."""
-    try:
-        rec = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}: not valid JSON ({e.msg}).") from None
+    rec = parse_json(text, where)
     if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
         raise UserError(f"{where}: each line must be a JSON object with a string 'prompt'.")
     return rec

@@ -323,14 +323,10 @@ def check_world_record(rec: dict, where: str) -> None:
 def read_metadata_jsonl(path: str | Path, world: bool = False) -> list[dict]:
     """Read and validate a GenEval-schema metadata file; UserError names file:line on any fault.
     With `world`, also refuse classes and colours the tiny world does not have."""
-    from ..textfiles import iter_lines
+    from ..textfiles import iter_jsonl
 
     records = []
-    for n, line in iter_lines(path, "metadata file"):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not valid JSON ({e.msg}).") from None
+    for n, rec in iter_jsonl(path, "metadata file"):
         _check_record(rec, f"{path}:{n}")
         if world:
             check_world_record(rec, f"{path}:{n}")

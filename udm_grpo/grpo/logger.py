@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..outputs import atomic_file, write_text_atomic
-from ..textfiles import iter_lines
+from ..textfiles import iter_jsonl
 
 
 class RunLogger:
@@ -66,11 +66,7 @@ def read_jsonl(path: Path) -> list[dict]:
     if not Path(path).exists():
         return []
     rows = []
-    for n, text in iter_lines(path, "log file"):
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not valid JSON ({e.msg}).") from None
+    for n, row in iter_jsonl(path, "log file"):
         if not isinstance(row, dict):
             raise UserError(f"{path}:{n}: each line must be a JSON object.")
         rows.append(row)

@@ -67,7 +67,9 @@ def check_output(path: str | Path, kind: str = "file", force: bool = False, flag
         raise UserError(f"{flag} must name a {kind}.")
     for source in sources:
         if source is not None and Path(source).exists() and (rel := _relation(path, Path(source))):
-            raise UserError(f"{what} {rel} {source}, which this command reads; choose an output outside it.")
+            read = f"is what this command reads ({source})" if rel == "is" else \
+                f"{rel} {source}, which this command reads"
+            raise UserError(f"{what} {read}; choose an output outside it.")
     if path.exists() or path.is_symlink():
         if kind == "folder" and not path.is_dir():
             raise UserError(f"{what} is a file, not a folder; choose a folder.")

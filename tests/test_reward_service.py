@@ -67,9 +67,9 @@ def png(image) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def post(url, body, token=TOKEN, raw=None):
+def post(url, body, token=TOKEN, raw=None, path="/v1/score"):
     headers = {"Authorization": f"Bearer {token}"}
-    return httpx.post(f"{url}/score", content=raw if raw is not None else json.dumps(body), headers=headers,
+    return httpx.post(f"{url}{path}", content=raw if raw is not None else json.dumps(body), headers=headers,
                       timeout=30)
 
 
@@ -85,6 +85,7 @@ def test_status_codes(server):
     images, prompts, records = batch(2)
     good = {"images": [png(im) for im in images], "prompts": prompts, "metadata": records}
     assert post(server, good).status_code == 200
+    assert post(server, good, path="/score").json() == post(server, good).json()  # the unversioned alias
     assert post(server, good, token="wrong").status_code == 401
     assert post(server, {**good, "images": good["images"] * 5, "prompts": prompts * 5,
                          "metadata": records * 5}).status_code == 413  # 10 images > max_batch 8

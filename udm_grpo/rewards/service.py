@@ -2,10 +2,10 @@
 
 Protocol (JSON only; nothing is unpickled or evaluated):
 
-    POST /score   Authorization: Bearer TOKEN
-                  {"images": [base64 PNG or JPEG, one size], "prompts": [str], "metadata": [object | null]}
-             200  {"scores": [float], "values": {name: [float]}}
-    GET  /health  {"reward": NAME}
+    POST /v1/score  Authorization: Bearer TOKEN   (also at /score, the unversioned alias)
+                    {"images": [base64 PNG or JPEG, one size], "prompts": [str], "metadata": [object | null]}
+               200  {"scores": [float], "values": {name: [float]}}
+    GET  /health    {"reward": NAME}
 
 Bad requests are always 4xx with one sentence in "detail": 401 a missing or wrong token; 413 a body over
 `max_body` bytes, more than `max_batch` images or an image side over `max_side` (read from the image header,
@@ -117,6 +117,7 @@ def create_app(reward, name: str, token: str, max_batch: int = 64, max_side: int
     def health() -> dict:
         return {"reward": name}
 
+    @app.post("/v1/score")
     @app.post("/score")
     async def score(request: Request):
         given = request.headers.get("authorization", "")
@@ -171,7 +172,7 @@ class RemoteReward:
         headers = {"Authorization": f"Bearer {self.token}"}
         for attempt in range(self.retries + 1):
             try:
-                response = httpx.post(f"{self.url}/score", json=body, headers=headers, timeout=self.timeout)
+                response = httpx.post(f"{self.url}/v1/score", json=body, headers=headers, timeout=self.timeout)
             except httpx.TransportError as e:
                 if attempt == self.retries:
                     raise UserError(f"reward service {self.url} cannot be reached ({type(e).__name__}).") from None

@@ -118,3 +118,19 @@ def test_verdict_reads_like_a_summary(tmp_path):
     assert "60 steps in 7.5 min" in text and "16 images per tag" in text
     assert "0.100 -> 0.600 +-0.20" in text and "overall strict: +0.300, beyond the noise" in text
     assert "eval shapes --per-tag 64 --checkpoint" in text and str(tmp_path / "run") in text
+
+
+def test_sampling_steps_has_its_own_name_and_the_old_one_still_works(tmp_path, capsys):
+    """`--steps` counts optimiser steps in `train`; sampling commands call theirs --sampling-steps and still
+    take --steps with a one-line deprecation warning (the same images)."""
+    from udm_grpo.tinyworld import SHIPPED_MODEL
+
+    if not (SHIPPED_MODEL / "model_index.json").is_file():
+        pytest.skip("the shipped tiny-world model is not built")
+    new, old = tmp_path / "new.png", tmp_path / "old.png"
+    assert main(["sample", "a photo of a circle", "-n", "1", "--sampling-steps", "2", "-o", str(new)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main(["sample", "a photo of a circle", "-n", "1", "--steps", "2", "-o", str(old)]) == 0
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert err == ["udm-grpo: warning: --steps is deprecated here; use --sampling-steps 2."]
+    assert new.read_bytes() == old.read_bytes()

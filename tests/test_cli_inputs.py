@@ -22,7 +22,7 @@ from udm_grpo.images import make_grid, wrap_text
 from udm_grpo.models.pipeline import URSAPipeline
 from udm_grpo.tinyworld import SHIPPED_MODEL
 
-FAST = ["--steps", "2", "-n", "1"]
+FAST = ["--sampling-steps", "2", "-n", "1"]
 TILE = 64 * 2 + 2  # a scale-2 tile and its padding
 
 shipped = pytest.mark.skipif(not (SHIPPED_MODEL / "model_index.json").is_file(),
@@ -89,7 +89,8 @@ def test_eval_refuses_what_the_world_lacks(tmp_path, capsys, clause, needle):
 
 
 def test_eval_refuses_n_with_per_tag(tmp_path, capsys):
-    assert main(["eval", "shapes", "--per-tag", "2", "-n", "4", "--steps", "2", "-o", str(tmp_path / "ev")]) == 2
+    assert main(["eval", "shapes", "--per-tag", "2", "-n", "4", "--sampling-steps", "2",
+                 "-o", str(tmp_path / "ev")]) == 2
     line = error_line(capsys)
     assert "--per-tag" in line and "--images-per-prompt" in line
 
@@ -151,7 +152,8 @@ def test_eval_grid_uses_columns_and_captions(tmp_path):
     assert main(["eval", "shapes", "--metadata", str(meta), *FAST, "-o", str(tmp_path / "ev")]) == 0
     grid = Image.open(tmp_path / "ev" / "grid.png")
     assert grid.size[0] == 8 * TILE + 2 and grid.size[1] < 3 * (TILE + 60)  # 10 images: 8 + 2, not one column
-    assert main(["sample", "a photo of a circle", "--steps", "2", "-n", "2", "-o", str(tmp_path / "s.png")]) == 0
+    assert main(["sample", "a photo of a circle", "--sampling-steps", "2", "-n", "2",
+                 "-o", str(tmp_path / "s.png")]) == 0
     assert Image.open(tmp_path / "s.png").size[0] == 2 * TILE + 2
 
 

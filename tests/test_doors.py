@@ -23,7 +23,7 @@ from udm_grpo.outputs import LOCK_NAME, FolderLock, atomic_file, atomic_folder, 
 from udm_grpo.tinyworld import SHIPPED_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--steps", "2", "-n", "1"]
+FAST = ["--sampling-steps", "2", "-n", "1"]
 TINY = ["--steps", "1", "sampling.num_prompts_per_step=1", "sampling.num_images_per_prompt=2",
         "training.micro_batch_size=2", "experiment.eval_every=0"]
 

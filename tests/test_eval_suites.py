@@ -22,7 +22,7 @@ from .test_clip_rewards import build_tiny_clip
 from .test_geneval_reward import tiny_models  # noqa: F401  (a module-scoped fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["--steps", "1"]
+STEPS = ["--sampling-steps", "1"]
 
 
 def world_records(n: int = 3) -> list[dict]:

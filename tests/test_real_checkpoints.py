@@ -161,8 +161,8 @@ def test_reference_training_checkpoint_as_checkpoint(tmp_path):
     assert torch.equal(head(load_pipeline(str(tmp_path / "m"), "cpu", str(out / "checkpoints" / "checkpoint-3"))),
                        head(base) + 0.5)
     png = tmp_path / "s.png"
-    assert main(["sample", *PROMPTS[:1], "-n", "2", "--steps", "2", "-o", str(png), "--model", str(tmp_path / "m"),
-                 "--checkpoint", str(out)]) == 0
+    assert main(["sample", *PROMPTS[:1], "-n", "2", "--sampling-steps", "2", "-o", str(png),
+                 "--model", str(tmp_path / "m"), "--checkpoint", str(out)]) == 0
     assert png.is_file()
 
 
@@ -215,7 +215,7 @@ def test_cli_reads_the_cache_from_the_environment(tmp_path):
     env.pop("HF_HUB_CACHE", None)
     env.pop("HUGGINGFACE_HUB_CACHE", None)
     png = tmp_path / "s.png"
-    cmd = [sys.executable, "-m", "udm_grpo", "sample", "red circle", "-n", "1", "--steps", "2", "-o", str(png)]
+    cmd = [sys.executable, "-m", "udm_grpo", "sample", "red circle", "-n", "1", "--sampling-steps", "2", "-o", str(png)]
     done = subprocess.run([*cmd, "--model", REPO], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert png.is_file() and not sentinel.exists()

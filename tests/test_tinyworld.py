@@ -97,11 +97,12 @@ def test_shipped_model_reproduces_recorded_accuracy():
 
 @shipped
 def test_sample_and_eval_commands(tmp_path):
-    assert main(["sample", "a photo of a red circle", "-n", "2", "--steps", "3", "-o", str(tmp_path / "g.png")]) == 0
+    assert main(["sample", "a photo of a red circle", "-n", "2", "--sampling-steps", "3",
+                 "-o", str(tmp_path / "g.png")]) == 0
     assert (tmp_path / "g.png").stat().st_size > 0
     meta = tmp_path / "meta.jsonl"
     meta.write_text("".join(json.dumps(r) + "\n" for r in generate_records("test")[:4]))
-    assert main(["eval", "shapes", "--metadata", str(meta), "-n", "1", "--steps", "3",
+    assert main(["eval", "shapes", "--metadata", str(meta), "-n", "1", "--sampling-steps", "3",
                  "-o", str(tmp_path / "ev")]) == 0
     result = json.loads((tmp_path / "ev" / "results.json").read_text())
     assert result["prompts"] == 4 and 0 <= result["overall"]["strict"] <= 1
@@ -110,7 +111,7 @@ def test_sample_and_eval_commands(tmp_path):
     shutil.copytree(SHIPPED_MODEL / "transformer", tmp_path / "run" / "checkpoints" / "step-000001" / "transformer")
     (tmp_path / "run" / "checkpoints" / "step-000001" / "trainer_state.json").write_text('{"step": 1}')
     (tmp_path / "run" / "checkpoints" / "latest").write_text("step-000001")
-    assert main(["eval", "shapes", "--metadata", str(meta), "-n", "1", "--steps", "3", "--checkpoint",
+    assert main(["eval", "shapes", "--metadata", str(meta), "-n", "1", "--sampling-steps", "3", "--checkpoint",
                  str(tmp_path / "run"), "-o", str(tmp_path / "ev2")]) == 0
     again = json.loads((tmp_path / "ev2" / "results.json").read_text())
     assert again["overall"] == result["overall"]

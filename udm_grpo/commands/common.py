@@ -128,7 +128,10 @@ def sampling_arguments(parser: argparse.ArgumentParser) -> None:
     from ..tinyworld import SamplingDefaults
 
     d = SamplingDefaults()
-    parser.add_argument("--steps", type=positive_int, default=d.num_inference_steps, help="sampling steps")
+    parser.add_argument("--sampling-steps", dest="steps", type=positive_int, default=d.num_inference_steps,
+                        help=f"CTMC sampling steps (default {d.num_inference_steps})")
+    parser.add_argument("--steps", dest="old_steps", type=positive_int, default=None,
+                        help="the old name of --sampling-steps (deprecated: in `train` --steps counts optimiser steps)")
     parser.add_argument("--guidance", type=guidance_float, default=d.guidance_scale,
                         help="classifier-free guidance scale (>= 1; 1 = no guidance)")
     parser.add_argument("--guidance-trunc", type=finite_float, default=d.guidance_trunc,
@@ -137,8 +140,15 @@ def sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def sampling_from_args(args):
+    """The sampling settings of `sampling_arguments`; the deprecated --steps wins over --sampling-steps' default
+    and says so in one line on stderr."""
+    import sys
+
     from ..tinyworld import SamplingDefaults
 
+    if args.old_steps is not None:
+        print(f"udm-grpo: warning: --steps is deprecated here; use --sampling-steps {args.old_steps}.", file=sys.stderr)
+        args.steps = args.old_steps
     return SamplingDefaults(args.steps, args.guidance, args.guidance_trunc)
 
 

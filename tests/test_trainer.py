@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from udm_grpo.config import load_config
+from udm_grpo.errors import TrainingError
 from udm_grpo.grpo import checkpoint as ckpt_mod
 from udm_grpo.grpo.rollout import Rollout
 from udm_grpo.grpo.states import training_states
-from udm_grpo.grpo.trainer import TrainingError, UDMGRPOTrainer
+from udm_grpo.grpo.trainer import UDMGRPOTrainer
 from udm_grpo.rewards.base import RewardOutput
 
 from .test_pipeline import tiny_pipeline

@@ -11,3 +11,7 @@ class ConfigError(UserError):
 
 class CheckpointError(UserError):
     """A model folder is missing a component or breaks an invariant of the layout."""
+
+
+class TrainingError(RuntimeError):
+    """A run cannot go on although its inputs were fine (e.g. repeated non-finite updates)."""

@@ -43,6 +43,8 @@ COCO_CLASSES: tuple[str, ...] = (
 )
 COLORS: tuple[str, ...] = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
+POSITION_THRESHOLD = 0.1  # GenEval: offsets within 0.1 x (sum of the two boxes' sizes) do not count
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1
 NUMBERS: dict[int, str] = {2: "two", 3: "three", 4: "four"}
 TAGS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 # default tag weights: the number of prompts per tag in GenEval's evaluation metadata (553 in all)
@@ -61,6 +63,18 @@ _PAIRS, _COLOR_PAIRS = _C * (_C - 1), _K * (_K - 1)
 SPACE: dict[str, int] = {"single_object": _C, "two_object": _PAIRS, "counting": _C * len(NUMBERS),
                          "colors": _C * _K, "position": _PAIRS * len(RELATIONS), "color_attr": _PAIRS * _COLOR_PAIRS}
 _PREFIX = "a photo of "
+
+
+def position_offset(box_a: Box, box_b: Box) -> tuple[float, float] | None:
+    """The normalised revised offset (dx, dy) of A relative to B, or None when they are too close."""
+    a, b = np.asarray(box_a, dtype=np.float64), np.asarray(box_b, dtype=np.float64)
+    offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
+    dims = np.abs(a[2:] - a[:2]) + np.abs(b[2:] - b[:2])
+    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * dims, 0) * np.sign(offset)
+    if np.all(np.abs(revised) < 1e-3):
+        return None
+    dx, dy = revised / np.linalg.norm(offset)
+    return float(dx), float(dy)
 
 
 def article(phrase: str) -> str:

@@ -39,9 +39,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..rewards.geneval_rules import position_offset
 from .geneval_prompts import article as _a
 from .geneval_prompts import clause as _clause
+from .geneval_prompts import position_offset
 
 CLASSES: tuple[str, ...] = ("circle", "square", "triangle")
 COLORS: dict[str, tuple[int, int, int]] = {

@@ -52,11 +52,8 @@ def chunked_categorical(
         return _one_block(score_fn(0, num_classes, None).float(), generator, device)
     maxes = torch.empty(rows, len(blocks), device=device)
     sums = torch.empty(rows, len(blocks), dtype=torch.float64, device=device)
-    single = None  # with one block its scores are kept for pass 2 instead of recomputed
     for c, (k0, k1) in enumerate(blocks):
         s = score_fn(k0, k1, None).float()
-        if len(blocks) == 1:
-            single = s
         m = s.max(dim=1).values
         safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         maxes[:, c] = m
@@ -77,7 +74,7 @@ def chunked_categorical(
         sel = (block == c).nonzero().squeeze(1)
         if sel.numel() == 0:
             continue
-        scores = single[sel] if single is not None else score_fn(k0, k1, sel).float()
+        scores = score_fn(k0, k1, sel).float()
         w = torch.exp(scores - top[sel, None]).double()
         cw = w.cumsum(dim=1)
         idx = (cw < (target[sel] - prefix[sel])[:, None]).sum(dim=1)

@@ -27,7 +27,7 @@ import torch
 
 from ..config import Config, save_resolved
 from ..data.prompts import PromptStream
-from ..errors import UserError
+from ..errors import TrainingError, UserError
 from ..models.io import save_folder
 from ..models.pipeline import URSAPipeline
 from .advantages import expand_prompts, group_advantages, group_stats
@@ -41,10 +41,6 @@ from .policy import ImageLogits, MicroBatch, build_policy, micro_batch_logits
 from .preflight import check_start
 from .rollout import Rollout, rollout
 from .states import pick_train_steps, training_states
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. repeated non-finite updates)."""
 
 
 class UDMGRPOTrainer:

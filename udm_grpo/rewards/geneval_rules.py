@@ -41,12 +41,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..data.geneval_prompts import Box, position_offset
+
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 GENEVAL_COLORS: tuple[str, ...] = (
     "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
-POSITION_THRESHOLD = 0.1
-
-Box = tuple[float, float, float, float]
 
 
 @dataclass
@@ -59,18 +58,6 @@ class Detection:
     box: Box
     score: float = 1.0
     mask: np.ndarray | None = field(default=None, repr=False)
-
-
-def position_offset(box_a: Box, box_b: Box) -> tuple[float, float] | None:
-    """The normalised revised offset (dx, dy) of A relative to B, or None when they are too close."""
-    a, b = np.asarray(box_a, dtype=np.float64), np.asarray(box_b, dtype=np.float64)
-    offset = (a[:2] + a[2:]) / 2 - (b[:2] + b[2:]) / 2
-    dims = np.abs(a[2:] - a[:2]) + np.abs(b[2:] - b[:2])
-    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * dims, 0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
-        return None
-    dx, dy = revised / np.linalg.norm(offset)
-    return float(dx), float(dy)
 
 
 def relative_position(box_a: Box, box_b: Box) -> set[str]:

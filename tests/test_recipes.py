@@ -1,5 +1,5 @@
-"""The paper's recipes (configs/*_ursa_1.7b.yaml), the accelerate configs, `train --check` (layout, plan,
-memory estimate) and the memory model."""
+"""The paper's recipes (udm_grpo/configs/recipes/*_ursa_1.7b.yaml), the accelerate configs, `train --check`
+(layout, plan, memory estimate) and the memory model."""
 
 import json
 import os
@@ -22,11 +22,13 @@ from .test_pipeline import tiny_pipeline
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"geneval": 8, "pickscore": 16, "ocr": 16}  # task -> group size G of the paper
 DEFAULT = ROOT / "udm_grpo" / "configs" / "tiny_world_grpo.yaml"
+RECIPE_DIR = ROOT / "udm_grpo" / "configs" / "recipes"
+ACCELERATE_DIR = ROOT / "udm_grpo" / "configs" / "accelerate"
 
 
 @pytest.mark.parametrize("task", RECIPES)
 def test_recipes_hold_the_papers_settings_and_split_over_8_and_32_gpus(task):
-    cfg = load_config([DEFAULT, ROOT / "configs" / f"{task}_ursa_1.7b.yaml"])  # layered as `train --config`
+    cfg = load_config([DEFAULT, RECIPE_DIR / f"{task}_ursa_1.7b.yaml"])  # layered as `train --config`
     s, t = cfg.sampling, cfg.training
     assert (s.num_prompts_per_step, s.num_images_per_prompt) == (16, RECIPES[task])
     r = s.rollout
@@ -41,14 +43,14 @@ def test_recipes_hold_the_papers_settings_and_split_over_8_and_32_gpus(task):
         assert plan.images_per_process * gpus == 16 * RECIPES[task]
         assert plan.pairs_per_update == 16 * RECIPES[task] * 3
     assert plan_from_config(cfg, 32).grad_accum_steps == 3  # the reference's 32-GPU layout
-    text = (ROOT / "configs" / f"{task}_ursa_1.7b.yaml").read_text()
+    text = (RECIPE_DIR / f"{task}_ursa_1.7b.yaml").read_text()
     assert f"{16 * RECIPES[task]} / 8" in text and f"{16 * RECIPES[task]} / 32" in text  # the arithmetic is shown
 
 
 @pytest.mark.parametrize("name, kind, stage", [("ddp", "ddp", 2), ("deepspeed_zero2", "deepspeed", 2),
                                                ("deepspeed_zero3", "deepspeed", 3), ("fsdp", "fsdp", 2)])
 def test_accelerate_configs_select_their_engine(name, kind, stage):
-    data = yaml.safe_load((ROOT / "configs" / "accelerate" / f"{name}.yaml").read_text())
+    data = yaml.safe_load((ACCELERATE_DIR / f"{name}.yaml").read_text())
     env = {}  # what `accelerate launch` exports for these distributed types
     if data["distributed_type"] == "DEEPSPEED":
         env = {"ACCELERATE_USE_DEEPSPEED": "true",
@@ -63,7 +65,7 @@ def test_accelerate_configs_select_their_engine(name, kind, stage):
 def test_accelerate_launch_exports_the_engine_to_train():
     """The real launcher with the ZeRO-3 config: both processes see DeepSpeed ZeRO-3; only rank 0 reports."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / "deepspeed_zero3.yaml"), "--num_processes", "2",
+           str(ACCELERATE_DIR / "deepspeed_zero3.yaml"), "--num_processes", "2",
            "-m", "udm_grpo", "train", "--check", "training.micro_batch_size=16"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -150,7 +152,7 @@ def test_slurm_script_derives_the_layout_from_the_allocation(tmp_path):
     port = 20000 + 123456 % 20000
     assert (f"--num_machines 4 --num_processes 32 --machine_rank 2 --main_process_ip gpu-node-07 "
             f"--main_process_port {port}") in line and 1024 < port < 65536
-    assert "configs/geneval_ursa_1.7b.yaml" in line and "deepspeed_zero2.yaml" in line and "--resume" not in line
+    assert "geneval_ursa_1.7b" in line and "deepspeed_zero2.yaml" in line and "--resume" not in line
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints" / "latest").write_text("step-000100")
     assert launch_line().endswith("--resume latest")

@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..recipes import recipes_help
 from .common import guidance_float, positive_int
 from .train import DEFAULT_CONFIG
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides shared by all variants")
-    p.add_argument("--config", default=None, help=f"YAML run config layered on {DEFAULT_CONFIG.name}")
+    p.add_argument("--config", default=None, metavar="FILE|RECIPE",
+                   help=f"run config layered on {DEFAULT_CONFIG.name}: {recipes_help()}")
     p.add_argument("-o", "--output", default="runs/ablation", help="folder for the runs, table and plot")
     p.add_argument("--steps", type=positive_int, default=40, help="optimiser steps per variant (default 40)")
     p.add_argument("--cfg-scale", type=guidance_float, default=3.0, help="rollout guidance of the CFG variants")
@@ -23,12 +25,14 @@ def run(args) -> int:
     from ..errors import UserError
     from ..grpo.ablation import VARIANTS, run_ablation
     from ..outputs import check_output
+    from ..recipes import resolve_config_path
 
     unknown = [v for v in args.variants or [] if v not in VARIANTS]
     if unknown:
         raise UserError(f"unknown variant '{unknown[0]}'; choose from {', '.join(VARIANTS)}.")
+    config = resolve_config_path(args.config)
     check_output(args.output, "folder", exists_ok=True)  # each variant's run folder is checked by run_ablation
-    run_ablation([DEFAULT_CONFIG, args.config], args.overrides, Path(args.output), args.steps, args.cfg_scale,
+    run_ablation([DEFAULT_CONFIG, config], args.overrides, Path(args.output), args.steps, args.cfg_scale,
                  args.variants, force=args.force)
     print((Path(args.output) / "ablation.md").read_text())
     return 0

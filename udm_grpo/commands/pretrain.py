@@ -9,11 +9,13 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..outputs import atomic_folder, check_output, write_text_atomic
+from ..recipes import recipes_help, resolve_config_path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. steps=500")
-    p.add_argument("--config", help="YAML file (keys of TinyWorldConfig; see configs/tiny_world_pretrain.yaml)")
+    p.add_argument("--config", metavar="FILE|RECIPE",
+                   help=f"keys of TinyWorldConfig: {recipes_help('pretrain')} (the shipped model's)")
     p.add_argument("-o", "--output", default="tiny-world", help="pipeline folder to write (default tiny-world)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--rescore", action="store_true", help="only re-record base_eval.json of the existing model "
@@ -30,7 +32,7 @@ def run(args) -> int:
     out = Path(args.output)
     if args.rescore:
         return rescore(out)
-    cfg = load_config(args.config, args.overrides, schema=TinyWorldConfig)
+    cfg = load_config(resolve_config_path(args.config, "pretrain"), args.overrides, schema=TinyWorldConfig)
     check_output(out, "folder", args.force)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.time()
@@ -47,7 +49,7 @@ def run(args) -> int:
         if cfg.final_images_per_tag:
             print("recording the final accuracy on the test split (base_eval.json)...", flush=True)
             saved = URSAPipeline.from_pretrained(partial)  # what users will load
-            base_eval = record_base_eval(saved, cfg.sampling, cfg.final_images_per_tag)
+            base_eval = record_base_eval(saved, cfg.sampling.options(), cfg.final_images_per_tag)
             write_text_atomic(partial / "base_eval.json", json.dumps(base_eval, indent=2) + "\n")
         record = {"wall_seconds": wall, "parameters": n_params, "history": history}
         write_text_atomic(partial / "pretrain_log.json", json.dumps(record, indent=2) + "\n")
@@ -66,7 +68,8 @@ def rescore(folder: Path) -> int:
         raise UserError(f"--rescore: {settings} does not exist (not a tiny-world model folder written by pretrain).")
     cfg = load_config(settings, schema=TinyWorldConfig)
     check_output(folder / "base_eval.json", "file", force=True, flag="--rescore")
-    base_eval = record_base_eval(URSAPipeline.from_pretrained(folder), cfg.sampling, cfg.final_images_per_tag or 64)
+    base_eval = record_base_eval(URSAPipeline.from_pretrained(folder), cfg.sampling.options(),
+                                 cfg.final_images_per_tag or 64)
     write_text_atomic(folder / "base_eval.json", json.dumps(base_eval, indent=2) + "\n")
     o = base_eval["full"]["overall"]
     print(f"wrote {folder / 'base_eval.json'}: strict {o['strict']:.3f}, score {o['score']:.3f} "

@@ -19,7 +19,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = f"{p.description}. {LAYERS}"
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides, e.g. sampling.num_images_per_prompt=16 training.lr=3e-5")
-    p.add_argument("--config", default=None, help="YAML run config layered on the tiny-world defaults")
+    from ..recipes import recipes_help
+
+    p.add_argument("--config", default=None, metavar="FILE|RECIPE",
+                   help=f"run config layered on the tiny-world defaults: {recipes_help()}")
     p.add_argument("-o", "--output", default=None, help="run folder (experiment.output_dir)")
     p.add_argument("--steps", type=positive_int, default=None, help="total optimiser steps (training.max_steps); with "
                    "--resume, the new total")
@@ -51,6 +54,7 @@ def resolve_config(args):
     from ..config import load_config
     from ..errors import UserError
     from ..grpo.checkpoint import resolve_checkpoint, run_folder_of
+    from ..recipes import resolve_config_path
 
     if args.output is not None and not args.output.strip():
         raise UserError("-o/--output must name a folder.")
@@ -59,8 +63,11 @@ def resolve_config(args):
         overrides.append(f"experiment.output_dir={args.output}")
     if args.steps is not None:
         overrides.append(f"training.max_steps={args.steps}")
-    layers = [DEFAULT_CONFIG, args.config]
+    config = resolve_config_path(args.config)
+    layers = [DEFAULT_CONFIG, config]
     notes = {str(DEFAULT_CONFIG): "the default layer"}
+    if config != args.config:
+        notes[config] = f"the packaged recipe {args.config}"
     cfg = load_config(layers, overrides, notes=notes)
     if not args.resume:
         return cfg, None
@@ -68,7 +75,7 @@ def resolve_config(args):
     run = run_folder_of(ckpt)
     if run is not None and not args.output:
         overrides.append(f"experiment.output_dir={run}")
-    if run is not None and not args.config and (run / "config.yaml").is_file():
+    if run is not None and not config and (run / "config.yaml").is_file():
         layers = [run / "config.yaml"]
     return load_config(layers, overrides, notes=notes), ckpt
 
@@ -140,10 +147,11 @@ def run(args) -> int:
     cfg, ckpt = resolve_config(args)
     if args.check:
         return check(cfg, args.processes)
+    from ..errors import TrainingError
     from ..grpo.control import check_run_dir
     from ..grpo.evaluation import verdict
     from ..grpo.logger import read_jsonl
-    from ..grpo.trainer import TrainingError, UDMGRPOTrainer
+    from ..grpo.trainer import UDMGRPOTrainer
 
     check_run_dir(Path(cfg.experiment.output_dir), ckpt, args.force, [cfg.model.path])  # before loading anything
     start = time.time()

@@ -90,7 +90,7 @@ def test_geneval_layout_seeds_results_and_resumption(tmp_path, monkeypatch, caps
     before = tree(out)
 
     # A rerun skips everything; a deleted image resamples (and rescores) only its prompt, to the same bytes.
-    sampled, scored = Counter(monkeypatch, URSAPipeline), Counter(monkeypatch, ShapeEvalReward)
+    sampled, scored = Counter(monkeypatch, URSAPipeline, "generate"), Counter(monkeypatch, ShapeEvalReward)
     assert main(geneval_args(meta, out, "--seed", "7")) == 0
     assert (sampled.calls, scored.calls) == (0, 0)
     (out / "00001" / "samples" / "00001.png").unlink()

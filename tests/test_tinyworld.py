@@ -54,12 +54,13 @@ import json, os, torch
 from udm_grpo.data.prompts import balance_tags
 from udm_grpo.data.shapes import generate_records
 from udm_grpo.models.pipeline import URSAPipeline
-from udm_grpo.tinyworld import SHIPPED_MODEL, SamplingDefaults, cpu_vendor, evaluate_shapes
+from udm_grpo.diffusion.sampler import SamplingOptions
+from udm_grpo.tinyworld import SHIPPED_MODEL, cpu_vendor, evaluate_shapes
 torch.set_num_threads(min(2, os.cpu_count() or 1))  # as tests/conftest.py
 record = json.loads((SHIPPED_MODEL / "base_eval.json").read_text())["quick"]
 records = balance_tags(generate_records("test"), record["images_per_tag"])
 summary, _ = evaluate_shapes(URSAPipeline.from_pretrained(SHIPPED_MODEL), records, 1, record["seed"],
-                             SamplingDefaults(**record["sampling"]))
+                             SamplingOptions(**record["sampling"]))
 print(json.dumps({"level": torch.backends.cpu.get_cpu_capability(), "vendor": cpu_vendor(), "summary": summary}))
 """
 RUNS = {"AVX512": {"AVX512", "AVX2", "DEFAULT"}, "AVX2": {"AVX2", "DEFAULT"}}  # kernel levels a CPU can select

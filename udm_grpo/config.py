@@ -75,6 +75,13 @@ class RolloutConfig:
     width: int = opt(512, POS_INT, "image width in pixels")
     batch_size: int | None = opt(None, optional(POS_INT), "images per rollout forward per process; null = all")
 
+    def options(self):
+        """These settings as the sampler's `SamplingOptions`."""
+        from .diffusion.sampler import SamplingOptions
+
+        return SamplingOptions(self.num_inference_steps, self.guidance_scale, self.guidance_trunc, self.height,
+                               self.width, self.batch_size)
+
 
 @dataclass
 class SamplingConfig:

@@ -27,12 +27,13 @@ import json
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .diffusion.sampler import SamplingOptions
 from .errors import UserError
 from .outputs import FolderLock, check_output, empty_folder, holds_files, write_text_atomic
 from .stats import half_width, mean_of_groups_half_width
@@ -42,15 +43,9 @@ INTERVALS = ("95% intervals: Agresti-Coull for 0/1 values, normal otherwise; wit
              "tags (half-width sqrt(sum h_t^2) / T), *_images = mean over images")
 
 
-@dataclass
-class SuiteSampling:
-    """Pipeline keyword arguments of every call (height and width resolved to pixels)."""
-
-    num_inference_steps: int
-    guidance_scale: float
-    guidance_trunc: float
-    height: int
-    width: int
+def sampling_record(options: SamplingOptions) -> dict:
+    """What eval_config.json and results.json record of the sampling: steps, guidance, truncation, size."""
+    return {**options.steps_and_guidance, "height": options.height, "width": options.width}
 
 
 @dataclass
@@ -172,13 +167,14 @@ def _reset_prompt(folder: Path) -> None:
 
 
 def sample_to_folder(pipe, records: list[dict], out: Path, images_per_prompt: int, seed: int,
-                     sampling: SuiteSampling, batch_size: int | None = None, rank: int = 0, world: int = 1,
-                     progress: bool = False) -> int:
-    """Sample this process's prompts (`rank::world`) that are not complete; returns how many were sampled."""
+                     sampling: SamplingOptions, rank: int = 0, world: int = 1, progress: bool = False) -> int:
+    """Sample this process's prompts (`rank::world`) that are not complete, `sampling.batch_size` images per
+    pipeline call (default: all of a prompt's), each call's images saved before the next; returns how many
+    prompts were sampled."""
     from PIL import Image
     from tqdm.auto import tqdm
 
-    batch = min(batch_size or images_per_prompt, images_per_prompt)
+    batch = min(sampling.batch_size or images_per_prompt, images_per_prompt)
     todo = [i for i in range(rank, len(records), world)
             if not prompt_complete(prompt_dir(out, i), records[i], images_per_prompt)]
     for i in tqdm(todo, desc="sample", disable=not progress, leave=False):
@@ -191,7 +187,7 @@ def sample_to_folder(pipe, records: list[dict], out: Path, images_per_prompt: in
         k = 0
         while k < images_per_prompt:
             n = min(batch, images_per_prompt - k)
-            images = pipe([records[i]["prompt"]] * n, generator=gen, **asdict(sampling)).images
+            images = pipe.generate([records[i]["prompt"]] * n, sampling, gen).images
             for im in images:
                 tmp = folder / f".{image_name(k)}.tmp"
                 Image.fromarray(im).save(tmp, format="PNG")

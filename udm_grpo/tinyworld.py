@@ -34,6 +34,7 @@ from .data.shapes import BACKGROUND, COLORS, generate_records, render, sample_re
 from .data.text_tokenizer import build_word_tokenizer, tiny_world_vocabulary
 from .diffusion.loss import pretraining_loss
 from .diffusion.paths import MetricPath
+from .diffusion.sampler import SamplingOptions
 from .diffusion.scheduler import KineticOptimalScheduler
 from .models.patch_vq import PatchVQ
 from .models.pipeline import URSAPipeline
@@ -42,14 +43,23 @@ from .models.transformer import URSAConfig, URSATransformer
 SHIPPED_MODEL = Path(__file__).parent / "assets" / "tiny-world"
 
 
+TINY_WORLD_SAMPLING = SamplingOptions(num_inference_steps=20, guidance_scale=1.0, guidance_trunc=0.9)
+"""The tiny world's sampling (sample, eval shapes, the trainer's held-out eval): 20 steps, CFG-free."""
+
+
 @register_section
 @dataclass
 class SamplingDefaults:
-    """The tiny world's default sampling settings (sample, eval shapes and the trainer's held-out eval)."""
+    """The `sampling` section of a pretrain config: `TINY_WORLD_SAMPLING`'s settings, as YAML keys."""
 
-    num_inference_steps: int = opt(20, POS_INT, "CTMC sampling steps")
-    guidance_scale: float = opt(1.0, float_rule("a number >= 1", lambda v: v >= 1), "1 = CFG-free")
-    guidance_trunc: float = opt(0.9, float_rule("a number in (0, 1]", lambda v: 0 < v <= 1), "CFG only while t < it")
+    num_inference_steps: int = opt(TINY_WORLD_SAMPLING.num_inference_steps, POS_INT, "CTMC sampling steps")
+    guidance_scale: float = opt(TINY_WORLD_SAMPLING.guidance_scale, float_rule("a number >= 1", lambda v: v >= 1),
+                                "1 = CFG-free")
+    guidance_trunc: float = opt(TINY_WORLD_SAMPLING.guidance_trunc,
+                                float_rule("a number in (0, 1]", lambda v: 0 < v <= 1), "CFG only while t < it")
+
+    def options(self) -> SamplingOptions:
+        return TINY_WORLD_SAMPLING.replace(**vars(self))
 
 
 @dataclass
@@ -117,7 +127,7 @@ def build_pipeline(cfg: TinyWorldConfig) -> URSAPipeline:
 
 
 def evaluate_shapes(pipe: URSAPipeline, records: list[dict], images_per_prompt: int = 1, seed: int = 0,
-                    sampling: SamplingDefaults | None = None, batch_size: int = 64, progress: bool = False):
+                    sampling: SamplingOptions = TINY_WORLD_SAMPLING, batch_size: int = 64, progress: bool = False):
     """Sample images for GenEval-schema records and score them with ShapeEval.
 
     Returns (summary dict from `evaluate_images`, uint8 images [len(records) * n, H, W, 3]).
@@ -126,15 +136,12 @@ def evaluate_shapes(pipe: URSAPipeline, records: list[dict], images_per_prompt: 
 
     from .rewards.shapeeval import evaluate_images
 
-    sampling = sampling or SamplingDefaults()
     expanded = [r for r in records for _ in range(images_per_prompt)]
     gen = torch.Generator(device=pipe.device).manual_seed(seed)
     chunks = []
     for i in tqdm(range(0, len(expanded), batch_size), desc="eval", disable=not progress, leave=False):
         batch = expanded[i : i + batch_size]
-        out = pipe([r["prompt"] for r in batch], num_inference_steps=sampling.num_inference_steps,
-                   guidance_scale=sampling.guidance_scale, guidance_trunc=sampling.guidance_trunc, generator=gen)
-        chunks.append(out.images)
+        chunks.append(pipe.generate([r["prompt"] for r in batch], sampling, gen).images)
     images = np.concatenate(chunks)
     return evaluate_images(images, expanded), images
 
@@ -176,7 +183,7 @@ def pretrain(pipe: URSAPipeline, cfg: TinyWorldConfig, log=print, progress: bool
         bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{metrics['accuracy']:.3f}")
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             model.eval()
-            summary, _ = evaluate_shapes(pipe, eval_records, sampling=cfg.sampling, seed=0)
+            summary, _ = evaluate_shapes(pipe, eval_records, sampling=cfg.sampling.options(), seed=0)
             model.train()
             entry = {"step": step + 1, "loss": loss.item(), "seconds": round(time.time() - start, 1),
                      "strict": summary["overall"]["strict"], "score": summary["overall"]["score"]}
@@ -186,7 +193,7 @@ def pretrain(pipe: URSAPipeline, cfg: TinyWorldConfig, log=print, progress: bool
     return history
 
 
-def record_base_eval(pipe: URSAPipeline, sampling: SamplingDefaults, images_per_tag: int = 64) -> dict:
+def record_base_eval(pipe: URSAPipeline, sampling: SamplingOptions, images_per_tag: int = 64) -> dict:
     """The accuracy recorded with a model (`base_eval.json`) on the test split at seed 0: "full" with
     `images_per_tag` images per tag and "quick" with 16 (what the tests re-check; also the trainer's
     held-out set). Small tags repeat their prompts (see `data.prompts.balance_tags`). Each records torch's CPU
@@ -199,7 +206,7 @@ def record_base_eval(pipe: URSAPipeline, sampling: SamplingDefaults, images_per_
     level = torch.backends.cpu.get_cpu_capability()
     for name, n in (("full", images_per_tag), ("quick", 16)):
         summary, _ = evaluate_shapes(pipe, balance_tags(generate_records("test"), n), 1, 0, sampling, progress=True)
-        out[name] = {"split": "test", "images_per_tag": n, "seed": 0, "sampling": vars(sampling),
+        out[name] = {"split": "test", "images_per_tag": n, "seed": 0, "sampling": sampling.steps_and_guidance,
                      "cpu_capability": level, "cpu_vendor": cpu_vendor(), **summary}
     return out
 

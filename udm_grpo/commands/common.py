@@ -125,9 +125,8 @@ def run_model(checkpoint: str) -> str | None:
 
 
 def sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..tinyworld import SamplingDefaults
+    from ..tinyworld import TINY_WORLD_SAMPLING as d
 
-    d = SamplingDefaults()
     parser.add_argument("--sampling-steps", dest="steps", type=positive_int, default=d.num_inference_steps,
                         help=f"CTMC sampling steps (default {d.num_inference_steps})")
     parser.add_argument("--steps", dest="old_steps", type=positive_int, default=None,
@@ -144,12 +143,13 @@ def sampling_from_args(args):
     and says so in one line on stderr."""
     import sys
 
-    from ..tinyworld import SamplingDefaults
+    from ..tinyworld import TINY_WORLD_SAMPLING
 
     if args.old_steps is not None:
         print(f"udm-grpo: warning: --steps is deprecated here; use --sampling-steps {args.old_steps}.", file=sys.stderr)
         args.steps = args.old_steps
-    return SamplingDefaults(args.steps, args.guidance, args.guidance_trunc)
+    return TINY_WORLD_SAMPLING.replace(num_inference_steps=args.steps, guidance_scale=args.guidance,
+                                       guidance_trunc=args.guidance_trunc)
 
 
 def warn_unknown_words(pipe, prompts: list[str], command: str) -> None:

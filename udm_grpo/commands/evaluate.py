@@ -80,7 +80,7 @@ def run_shapes(args) -> int:
         "images_per_prompt": args.images_per_prompt,
         "images_per_tag": args.per_tag,
         "seed": args.seed,
-        "sampling": vars(sampling),
+        "sampling": sampling.steps_and_guidance,
     }
     out = check_output(args.output, "folder", sources=read_sources(args.model, args.checkpoint), exists_ok=True)
     config = json.loads(json.dumps({"benchmark": "shapes", "sampling": settings, "scoring": {"reward": "shapeeval"}}))
@@ -234,20 +234,19 @@ def run_suite(args) -> int:
         warn_unknown_words(pipe, [r["prompt"] for r in records], "eval")
     h, w = pipe.grid(args.height, args.width)
     stride = pipe.vae.spatial_stride
-    suite = es.SuiteSampling(sampling.num_inference_steps, sampling.guidance_scale, sampling.guidance_trunc,
-                             h * stride, w * stride)
+    suite = sampling.replace(height=h * stride, width=w * stride, batch_size=args.batch_size)
     checkpoint, checkpoint_step = scored_checkpoint(args.checkpoint)
     model = Path(args.model) if args.model else SHIPPED_MODEL
     config = json.loads(json.dumps({
         "benchmark": args.benchmark,
         "sampling": {"model": str(model.resolve()) if model.exists() else args.model, "checkpoint": checkpoint,
                      "prompts": len(records), "prompts_sha256": es.records_digest(records), "images_per_prompt": n,
-                     "seed": args.seed, "batch_size": min(args.batch_size or n, n), **vars(suite)},
+                     "seed": args.seed, "batch_size": min(args.batch_size or n, n), **es.sampling_record(suite)},
         "scoring": {"reward": args.reward, "params": params},
     }, default=str))
     with es.prepare_output(out, config, args.force, args.rescore, procs):
-        sampled = es.sample_to_folder(pipe, records, out, n, args.seed, suite, args.batch_size, procs.rank,
-                                      procs.world, progress=procs.is_main)
+        sampled = es.sample_to_folder(pipe, records, out, n, args.seed, suite, procs.rank, procs.world,
+                                      progress=procs.is_main)
         del pipe  # the reward's models get the memory
         gc.collect()
         if torch.cuda.is_available():
@@ -261,7 +260,8 @@ def run_suite(args) -> int:
         table, rows = es.summarise(records, out, n)
         result = {"benchmark": args.benchmark, "model": args.model or "shipped tiny-world model",
                   "checkpoint": checkpoint, "checkpoint_step": checkpoint_step, "source": source,
-                  "prompts": len(records), "images_per_prompt": n, "seed": args.seed, "sampling": vars(suite),
+                  "prompts": len(records), "images_per_prompt": n, "seed": args.seed,
+                  "sampling": es.sampling_record(suite),
                   "reward": args.reward, "reward_params": params, "intervals": es.INTERVALS, **table}
         write_text_atomic(out / "results.json", json.dumps(result, indent=2, default=str) + "\n")
         written = [out / "results.json"]

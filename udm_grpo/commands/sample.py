@@ -47,9 +47,7 @@ def run(args) -> int:
     warn_unknown_words(pipe, prompts, "sample")
     gen = torch.Generator(device=pipe.device).manual_seed(args.seed)
     start = time.perf_counter()
-    result = pipe(prompts, num_images_per_prompt=args.images_per_prompt, generator=gen,
-                  num_inference_steps=sampling.num_inference_steps, guidance_scale=sampling.guidance_scale,
-                  guidance_trunc=sampling.guidance_trunc)
+    result = pipe(prompts, sampling, num_images_per_prompt=args.images_per_prompt, generator=gen)
     seconds = time.perf_counter() - start
     per = args.images_per_prompt
     if per == 1:  # one caption per image, up to 8 per row

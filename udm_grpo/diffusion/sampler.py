@@ -8,6 +8,7 @@ draws x1_hat and jumps. The last step's draw is the final sample.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -15,6 +16,42 @@ import torch
 
 from .categorical import draw_device
 from .scheduler import KineticOptimalScheduler
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to sample, for every sampler entry point (`sample_tokens`, `URSAPipeline`, the trainer's rollouts,
+    the evaluations). The defaults are URSA's own: 25 CTMC steps, classifier-free guidance 7 while t < 0.9.
+
+    num_inference_steps: CTMC steps; guidance_scale: s of u + s (c - u) (1 = CFG-free, no unconditional
+    branch); guidance_trunc: guidance only while t < it; height / width: image size in pixels (None: the
+    tokenizer's native size); batch_size: images per sampler call (None: all at once; the draws are the same
+    either way, made in order from one generator).
+    """
+
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.0
+    guidance_trunc: float = 0.9
+    height: int | None = None
+    width: int | None = None
+    batch_size: int | None = None
+
+    def __post_init__(self):
+        if self.num_inference_steps < 1 or not self.guidance_scale >= 1 or not 0 < self.guidance_trunc <= 1:
+            raise ValueError(f"SamplingOptions needs num_inference_steps >= 1, guidance_scale >= 1 and "
+                             f"guidance_trunc in (0, 1], got {self}")
+        if any(v is not None and v < 1 for v in (self.height, self.width, self.batch_size)):
+            raise ValueError(f"SamplingOptions sizes must be >= 1 or None, got {self}")
+
+    def replace(self, **changes) -> SamplingOptions:
+        """A copy with `changes` (field names of this class)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def steps_and_guidance(self) -> dict:
+        """The three settings that decide the draws (what evaluations record as their sampling)."""
+        return {"num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale,
+                "guidance_trunc": self.guidance_trunc}
 
 
 class ImageLogitsModel(Protocol):
@@ -37,6 +74,12 @@ class Trajectory:
     @property
     def final(self) -> torch.Tensor:
         return self.predictions[-1]
+
+    @classmethod
+    def concat(cls, parts: list[Trajectory]) -> Trajectory:
+        """One trajectory of the batches `parts` sampled one after another (the same times)."""
+        return cls(list(parts[0].t), [torch.cat(x) for x in zip(*(p.states for p in parts), strict=True)],
+                   [torch.cat(x) for x in zip(*(p.predictions for p in parts), strict=True)])
 
 
 def guided_logits(
@@ -61,9 +104,7 @@ def sample_tokens(
     scheduler: KineticOptimalScheduler,
     text_ids: torch.Tensor,
     grid: tuple[int, int],
-    num_inference_steps: int = 25,
-    guidance_scale: float = 1.0,
-    guidance_trunc: float = 0.9,
+    options: SamplingOptions,
     uncond_ids: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     record: bool = False,
@@ -71,13 +112,14 @@ def sample_tokens(
 ) -> torch.Tensor | tuple[torch.Tensor, Trajectory]:
     """Sample image tokens Long[B, H*W] for text Long[B, L] (and Trajectory when record=True).
 
-    `uncond_ids` Long[B, L] (the empty prompt) is required when guidance_scale != 1.
+    Uses the steps and guidance of `options` (not its sizes: the caller batches and sizes); `uncond_ids`
+    Long[B, L] (the empty prompt) is required when its guidance_scale != 1.
     """
-    if guidance_scale != 1.0 and uncond_ids is None:
+    if options.guidance_scale != 1.0 and uncond_ids is None:
         raise ValueError("guidance_scale != 1 needs uncond_ids (the tokenised empty prompt)")
     batch, n_tokens = text_ids.shape[0], grid[0] * grid[1]
     device = text_ids.device
-    scheduler.set_timesteps(num_inference_steps)
+    scheduler.set_timesteps(options.num_inference_steps)
     if x_init is None:
         dev = draw_device(generator, device)
         x = torch.randint(0, scheduler.num_embeddings, (batch, n_tokens), generator=generator, device=dev).to(device)
@@ -86,7 +128,7 @@ def sample_tokens(
     traj = Trajectory()
     for k in scheduler.timesteps:
         t = scheduler.t_of(k)
-        scale = guidance_scale if t < guidance_trunc else 1.0
+        scale = options.guidance_scale if t < options.guidance_trunc else 1.0
         logits = guided_logits(model, text_ids, x, grid, scale, uncond_ids)
         x_next, x1_hat = scheduler.step(logits, k, x, generator)
         if record:

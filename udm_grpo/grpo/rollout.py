@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..diffusion.sampler import sample_tokens
+from ..diffusion.sampler import SamplingOptions
 from ..models.pipeline import URSAPipeline
 
 
@@ -38,41 +38,18 @@ class Rollout:
         return self.final.shape[0]
 
 
-@torch.no_grad()
-def rollout(
-    pipe: URSAPipeline,
-    model,
-    prompts: list[str],
-    metadata: list,
-    num_inference_steps: int,
-    guidance_scale: float,
-    guidance_trunc: float,
-    height: int,
-    width: int,
-    generator: torch.Generator,
-    batch_size: int | None = None,
-) -> Rollout:
-    """Sample one image per entry of `prompts` (already repeated G times) with `model`, in batches.
-    An empty `prompts` (a process with no share of the prompts) gives an empty Rollout."""
-    grid = pipe.grid(height, width)
+def rollout(pipe: URSAPipeline, model, prompts: list[str], metadata: list, options: SamplingOptions,
+            generator: torch.Generator) -> Rollout:
+    """One image per entry of `prompts` (already repeated G times) with `model`, through `pipe.generate`, with
+    the trajectory. An empty `prompts` (a process with no share of the prompts) gives an empty Rollout."""
     if not prompts:
+        grid = pipe.grid(options.height, options.width)
         none = torch.zeros(0, grid[0] * grid[1], dtype=torch.long, device=pipe.device)
         size = (grid[0] * pipe.vae.spatial_stride, grid[1] * pipe.vae.spatial_stride)
         return Rollout([], list(metadata), torch.zeros(0, pipe.max_prompt_length, dtype=torch.long), None, grid,
                        none, none[None], none[None], torch.zeros(0, dtype=torch.float64),
                        np.zeros((0, *size, 3), dtype=np.uint8))
-    text = pipe.encode_prompt(prompts)
-    uncond = pipe.encode_prompt([""] * len(prompts)) if guidance_scale != 1.0 else None
-    batch_size = batch_size or len(prompts)
-    finals, states, preds, images, t = [], [], [], [], None
-    for i in range(0, len(prompts), batch_size):
-        sl = slice(i, i + batch_size)
-        x, traj = sample_tokens(model, pipe.scheduler, text[sl], grid, num_inference_steps, guidance_scale,
-                                guidance_trunc, None if uncond is None else uncond[sl], generator, record=True)
-        finals.append(x)
-        states.append(torch.stack(traj.states))
-        preds.append(torch.stack(traj.predictions))
-        images.append(pipe.decode(x, grid))
-        t = torch.tensor(traj.t, dtype=torch.float64)
-    return Rollout(prompts, metadata, text, uncond, grid, torch.cat(finals), torch.cat(states, 1),
-                   torch.cat(preds, 1), t, np.concatenate(images))
+    out = pipe.generate(prompts, options, generator, model=model, record=True)
+    traj = out.trajectory
+    return Rollout(prompts, metadata, out.text_ids, out.uncond_ids, out.grid, out.ids, torch.stack(traj.states),
+                   torch.stack(traj.predictions), torch.tensor(traj.t, dtype=torch.float64), out.images)

@@ -133,10 +133,9 @@ class UDMGRPOTrainer:
         c, per = self.cfg, self.plan.images_per_process
         expanded = expand_prompts(self.data.next(c.sampling.num_prompts_per_step), c.sampling.num_images_per_prompt)
         local = expanded[self.rank * per: (self.rank + 1) * per]
-        r = c.sampling.rollout
         with self._sampling() as model:
-            return rollout(self.pipe, model, [x["prompt"] for x in local], local, r.num_inference_steps,
-                           r.guidance_scale, r.guidance_trunc, r.height, r.width, self.generator, r.batch_size)
+            return rollout(self.pipe, model, [x["prompt"] for x in local], local, c.sampling.rollout.options(),
+                           self.generator)
 
     def _reward(self, ro: Rollout) -> tuple[torch.Tensor, dict]:
         """(scores Float[P*G] gathered from all processes, `reward/<value>` means over all images)."""
@@ -234,10 +233,10 @@ class UDMGRPOTrainer:
         if self.engine.sharded:
             local = local + [records[0]] * (per - real)
         gen = torch.Generator(device=self.acc.device).manual_seed(12345 + self.rank)
-        r = self.cfg.sampling.rollout
+        options = self.cfg.sampling.rollout.options().replace(num_inference_steps=e.eval_num_inference_steps,
+                                                              guidance_scale=e.eval_guidance_scale)
         with self._sampling() as model:
-            ro = rollout(self.pipe, model, [x["prompt"] for x in local], local, e.eval_num_inference_steps,
-                         e.eval_guidance_scale, r.guidance_trunc, r.height, r.width, gen, r.batch_size)
+            ro = rollout(self.pipe, model, [x["prompt"] for x in local], local, options, gen)
         out = self.reward(ro.images[:real], ro.prompts[:real], ro.metadata[:real])
         scores = self._gather_all(out.scores, len(records))
         values = {name: self._gather_all(v, len(records)) for name, v in out.values.items()}

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..data.text_tokenizer import encode_prompts
-from ..diffusion.sampler import Trajectory, sample_tokens
+from ..diffusion.sampler import SamplingOptions, Trajectory, sample_tokens
 from ..diffusion.scheduler import KineticOptimalScheduler
 from ..errors import CheckpointError, UserError
 from ..textfiles import read_json
@@ -46,11 +46,15 @@ HUB_IGNORE = ["*.py", "*.pyc"]
 
 @dataclass
 class PipelineOutput:
-    """images: uint8 [B, H, W, 3] (numpy); ids: Long[B, h*w] codebook ids; trajectory when recorded."""
+    """images: uint8 [B, H, W, 3] (numpy); ids: Long[B, h*w] codebook ids; trajectory when recorded;
+    text_ids / uncond_ids: Long[B, L] the encoded prompts and empty prompts (None without guidance); grid: (h, w)."""
 
     images: np.ndarray
     ids: torch.Tensor
     trajectory: Trajectory | None = None
+    text_ids: torch.Tensor | None = None
+    uncond_ids: torch.Tensor | None = None
+    grid: tuple[int, int] | None = None
 
     def pil(self) -> list:
         from PIL import Image
@@ -171,18 +175,16 @@ class URSAPipeline:
     def __call__(
         self,
         prompt: str | list[str],
+        options: SamplingOptions | None = None,
         negative_prompt: str = "",
-        num_inference_steps: int = 25,
-        guidance_scale: float = 7.0,
-        guidance_trunc: float = 0.9,
-        height: int | None = None,
-        width: int | None = None,
         num_images_per_prompt: int = 1,
         seed: int | None = None,
         generator: torch.Generator | None = None,
         record: bool = False,
+        **overrides,
     ) -> PipelineOutput:
-        """Prompts -> images: tokenise, left-pad, sample `num_inference_steps` CTMC steps, decode."""
+        """Prompts -> images with `options` (default `SamplingOptions()`, URSA's 25 steps and guidance 7) and
+        `overrides` of its fields, e.g. `pipe("a red circle", num_inference_steps=4, guidance_scale=1.0)`."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or num_images_per_prompt < 1:
             raise UserError(f"the pipeline needs at least one prompt and num_images_per_prompt >= 1, got "
@@ -192,13 +194,30 @@ class URSAPipeline:
             generator = torch.Generator(device=self.device)
             if seed is not None:
                 generator.manual_seed(seed)
-        grid = self.grid(height, width)
+        options = (options or SamplingOptions()).replace(**overrides)
+        return self.generate(prompts, options, generator, record=record, negative_prompt=negative_prompt)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], options: SamplingOptions, generator: torch.Generator | None = None,
+                 model=None, record: bool = False, negative_prompt: str = "") -> PipelineOutput:
+        """One image per entry of `prompts`: encode (left-padded), sample with `model` (default this pipeline's
+        transformer; the trainer passes its policy) in calls of `options.batch_size`, decode. With `record`, the
+        trajectory of every call, joined."""
+        grid = self.grid(options.height, options.width)
         text = self.encode_prompt(prompts)
-        uncond = self.encode_prompt([negative_prompt] * len(prompts)) if guidance_scale != 1.0 else None
-        result = sample_tokens(self.transformer, self.scheduler, text, grid, num_inference_steps, guidance_scale,
-                               guidance_trunc, uncond, generator, record)
-        ids, traj = result if record else (result, None)
-        return PipelineOutput(self.decode(ids, grid), ids, traj)
+        uncond = self.encode_prompt([negative_prompt] * len(prompts)) if options.guidance_scale != 1.0 else None
+        size = options.batch_size or len(prompts)
+        ids, trajectories, images = [], [], []
+        for i in range(0, len(prompts), size):
+            sl = slice(i, i + size)
+            result = sample_tokens(model or self.transformer, self.scheduler, text[sl], grid, options,
+                                   None if uncond is None else uncond[sl], generator, record)
+            x, trajectory = result if record else (result, None)
+            ids.append(x)
+            trajectories.append(trajectory)
+            images.append(self.decode(x, grid))
+        return PipelineOutput(np.concatenate(images), torch.cat(ids),
+                              Trajectory.concat(trajectories) if record else None, text, uncond, grid)
 
 
 def hub_offline() -> bool:

@@ -50,13 +50,11 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--iters", type=int, default=3)
     args = ap.parse_args()
-    from udm_grpo.commands.train import DEFAULT_CONFIG
-    from udm_grpo.config import load_config
-    from udm_grpo.grpo.trainer import UDMGRPOTrainer
+    from udm_grpo import UDMGRPOTrainer, run_config
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(DEFAULT_CONFIG, [*args.overrides, f"experiment.output_dir={out}"])
+        cfg = run_config(overrides=[*args.overrides, f"experiment.output_dir={out}"])
         trainer = UDMGRPOTrainer(cfg, progress=False)
         trainer.train_step()  # warm-up
         phases = {"rollout": [], "reward": [], "states": [], "update": []}

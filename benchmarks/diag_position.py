@@ -38,9 +38,9 @@ def variant(record: dict, mode: str) -> dict:
 
 
 def main() -> None:
-    from udm_grpo.commands.common import load_pipeline
     from udm_grpo.data.prompts import balance_tags
     from udm_grpo.data.shapes import generate_records
+    from udm_grpo.pipelines import load_pipeline
     from udm_grpo.rewards.shapeeval import score_images
     from udm_grpo.stats import half_width
     from udm_grpo.tinyworld import evaluate_shapes

@@ -20,8 +20,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     device = torch.device(parser.parse_args().device)
 
-    from udm_grpo.commands.train import DEFAULT_CONFIG
-    from udm_grpo.config import load_config
+    from udm_grpo import run_config
     from udm_grpo.diffusion.loss import pretraining_loss
     from udm_grpo.grpo.trainer import UDMGRPOTrainer
     from udm_grpo.models.pipeline import URSAPipeline
@@ -41,9 +40,9 @@ def main() -> None:
     check("pretraining loss", lambda: pretraining_loss(pipe.transformer, pipe.scheduler, pipe.encode_prompt(
         ["a photo of a red circle"] * 4), pipe.encode_prompt([""]), x1, (8, 8), gen, 0.5)[0].backward())
     with tempfile.TemporaryDirectory() as out:
-        cfg = load_config(DEFAULT_CONFIG, ["model.dtype=bfloat16", "training.max_steps=2", "experiment.eval_every=0",
-                                           "sampling.num_prompts_per_step=4", "training.micro_batch_size=32",
-                                           f"experiment.output_dir={out}/run"])
+        cfg = run_config(overrides=["model.dtype=bfloat16", "training.max_steps=2", "experiment.eval_every=0",
+                                    "sampling.num_prompts_per_step=4", "training.micro_batch_size=32",
+                                    f"experiment.output_dir={out}/run"])
         trainer = UDMGRPOTrainer(cfg, progress=False)
         assert trainer.acc.device.type == device.type, f"the trainer runs on {trainer.acc.device}"
         check("two UDM-GRPO steps in bf16 with float32 masters", trainer.train)

@@ -1,5 +1,7 @@
 """The `udm-grpo` command: help, version, and one-sentence errors with exit status 2."""
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,10 +67,9 @@ def test_partial_config_is_layered_on_the_tiny_world(tmp_path):
     partial.write_text("training:\n  lr: 3.0e-4\n")
     result = run_cli("train", "--config", str(partial), "--check")
     assert result.returncode == 0, result.stderr
-    from udm_grpo.commands.train import DEFAULT_CONFIG
-    from udm_grpo.config import load_config
+    from udm_grpo import run_config
 
-    cfg = load_config([DEFAULT_CONFIG, partial])
+    cfg = run_config(partial)
     assert cfg.training.lr == 3e-4 and cfg.reward.name == "shapeeval"
 
 
@@ -134,3 +135,25 @@ def test_sampling_steps_has_its_own_name_and_the_old_one_still_works(tmp_path, c
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert err == ["udm-grpo: warning: --steps is deprecated here; use --sampling-steps 2."]
     assert new.read_bytes() == old.read_bytes()
+
+
+def test_python_api_example_trains_and_reports(tmp_path):
+    """examples/python_api.py, as a user runs it (a fresh process), with 2 steps."""
+    from udm_grpo.tinyworld import SHIPPED_MODEL
+
+    if not (SHIPPED_MODEL / "model_index.json").is_file():
+        pytest.skip("the shipped tiny-world model is not built")
+    example = Path(__file__).resolve().parents[1] / "examples" / "python_api.py"
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, str(example), "--steps", "2", "-o", str(run)], capture_output=True,
+                          text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"held-out strict accuracy: \d\.\d{3} -> \d\.\d{3} \(\+-\d\.\d{3}, 96 images\) after 2 "
+                        rf"steps; run folder {re.escape(str(run))}", line), line
+    evals = [json.loads(ln) for ln in (run / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2] and (run / "checkpoints" / "step-000002").is_dir()
+    assert line.startswith(f"held-out strict accuracy: {evals[0]['eval/strict']:.3f} -> {evals[1]['eval/strict']:.3f}")
+    import udm_grpo
+
+    assert set(udm_grpo.__all__) <= set(dir(udm_grpo)) and all(getattr(udm_grpo, n) for n in udm_grpo.__all__)

@@ -67,7 +67,7 @@ def test_geneval_layout_seeds_results_and_resumption(tmp_path, monkeypatch, caps
         assert len(lines) == 1 and json.loads(lines[0]) == rec
         assert sorted(p.name for p in (out / f"{i:05d}" / "samples").iterdir()) == ["00000.png", "00001.png"]
     # Prompt i is sampled alone with a generator seeded seed + i.
-    from udm_grpo.commands.common import load_pipeline
+    from udm_grpo.pipelines import load_pipeline
 
     pipe = load_pipeline(None)
     for i, rec in enumerate(records):

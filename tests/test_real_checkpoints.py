@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from udm_grpo.cli import main
-from udm_grpo.commands.common import load_pipeline
 from udm_grpo.errors import CheckpointError, UserError
 from udm_grpo.models.io import read_weights
 from udm_grpo.models.pipeline import HUB_FILES, HUB_IGNORE, URSAPipeline
+from udm_grpo.pipelines import load_pipeline
 
 from .test_pipeline import tiny_pipeline
 

@@ -161,7 +161,7 @@ def test_slurm_script_derives_the_layout_from_the_allocation(tmp_path):
 def test_checkpoint_alone_evaluates_on_the_runs_model(tmp_path):
     """`--checkpoint RUN` without `--model` uses the run's model.path (here a tiny pipeline that the shipped
     tiny-world model could not host: its transformer would fail the pipeline's invariants)."""
-    from udm_grpo.commands.common import load_pipeline, run_model
+    from udm_grpo.pipelines import load_pipeline, run_model
 
     pipe = tiny_pipeline()
     pipe.save_pretrained(tmp_path / "model")

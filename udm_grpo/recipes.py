@@ -16,6 +16,20 @@ from .errors import UserError
 CONFIGS = Path(__file__).resolve().parent / "configs"
 KINDS = ("recipes", "pretrain", "accelerate")  # folders of CONFIGS
 SUFFIXES = (".yaml", ".yml")
+TINY_WORLD_LAYER = CONFIGS / "tiny_world_grpo.yaml"  # the first layer of every run config
+
+
+def run_config(config: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()):
+    """A validated run `Config` from its layers, later wins: the tiny-world defaults (`TINY_WORLD_LAYER`) <-
+    `config` (a YAML file, or a packaged recipe's name such as "geneval_ursa_1.7b") <- dotted `KEY=VALUE`
+    `overrides`. What `udm-grpo train` builds from --config and its arguments."""
+    from .config import load_config
+
+    path = resolve_config_path(None if config is None else os.fspath(config))
+    notes = {str(TINY_WORLD_LAYER): "the default layer"}
+    if path is not None and config is not None and path != os.fspath(config):
+        notes[path] = f"the packaged recipe {config}"
+    return load_config([TINY_WORLD_LAYER, path], list(overrides), notes=notes)
 
 
 def list_recipes(kind: str = "recipes") -> dict[str, Path]:

@@ -1,0 +1,5 @@
+"""One module per `udm-grpo` subcommand (see `udm_grpo.cli.COMMANDS`).
+
+The modules are imported by name; this file imports nothing."""
+
+__all__ = ["ablate", "common", "data", "evaluate", "export", "pretrain", "sample", "score", "serve_reward", "train"]

@@ -6,9 +6,10 @@ import argparse
 import time
 from pathlib import Path
 
+from ..recipes import TINY_WORLD_LAYER
 from .common import positive_int
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_world_grpo.yaml"
+DEFAULT_CONFIG = TINY_WORLD_LAYER
 ROOT_TEMPLATE = Path(__file__).resolve().parents[2] / "configs" / "template.yaml"  # in a source checkout
 LAYERS = (f"Configuration layers, later wins: the tiny-world defaults ({DEFAULT_CONFIG.name}) <- --config FILE <- "
           "KEY=VALUE overrides, so a file needs only the keys it changes (--print-template shows every key). "
@@ -54,7 +55,7 @@ def resolve_config(args):
     from ..config import load_config
     from ..errors import UserError
     from ..grpo.checkpoint import resolve_checkpoint, run_folder_of
-    from ..recipes import resolve_config_path
+    from ..recipes import run_config
 
     if args.output is not None and not args.output.strip():
         raise UserError("-o/--output must name a folder.")
@@ -63,21 +64,16 @@ def resolve_config(args):
         overrides.append(f"experiment.output_dir={args.output}")
     if args.steps is not None:
         overrides.append(f"training.max_steps={args.steps}")
-    config = resolve_config_path(args.config)
-    layers = [DEFAULT_CONFIG, config]
-    notes = {str(DEFAULT_CONFIG): "the default layer"}
-    if config != args.config:
-        notes[config] = f"the packaged recipe {args.config}"
-    cfg = load_config(layers, overrides, notes=notes)
+    cfg = run_config(args.config, overrides)
     if not args.resume:
         return cfg, None
     ckpt = resolve_checkpoint(args.resume, Path(cfg.experiment.output_dir))
     run = run_folder_of(ckpt)
     if run is not None and not args.output:
         overrides.append(f"experiment.output_dir={run}")
-    if run is not None and not config and (run / "config.yaml").is_file():
-        layers = [run / "config.yaml"]
-    return load_config(layers, overrides, notes=notes), ckpt
+    if run is None or args.config or not (run / "config.yaml").is_file():
+        return run_config(args.config, overrides), ckpt
+    return load_config(run / "config.yaml", overrides), ckpt
 
 
 def check(cfg, processes: int | None = None) -> int:

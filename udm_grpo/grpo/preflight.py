@@ -14,6 +14,7 @@ from pathlib import Path
 from ..config import Config
 from ..data.prompts import load_prompts
 from ..errors import ConfigError, UserError
+from ..pipelines import model_folder
 from ..rewards import check_prompt_source, check_reward
 from .batching import BatchPlan, plan_from_config
 from .engine import EngineSpec, engine_spec
@@ -33,14 +34,6 @@ class StartPlan:
     held_out: list[dict]
 
 
-def model_folder(cfg: Config) -> Path:
-    """The folder of `model.path` (a hub id: its cached snapshot), or the shipped tiny world."""
-    from ..models.pipeline import resolve_model
-    from ..tinyworld import SHIPPED_MODEL
-
-    return resolve_model(cfg.model.path) if cfg.model.path else SHIPPED_MODEL
-
-
 def check_start(cfg: Config, world: int, pipeline=None, reward_given: bool = False) -> StartPlan:
     """Run every start check for `world` processes (see the module docstring); UserError at the first fault.
     `pipeline`: a loaded pipeline to check against instead of the model folder; `reward_given`: the reward
@@ -57,7 +50,7 @@ def check_start(cfg: Config, world: int, pipeline=None, reward_given: bool = Fal
         check_reward(cfg.reward.name, cfg.reward.params)
     folder, index = None, {}
     if pipeline is None:
-        folder = model_folder(cfg)
+        folder = model_folder(cfg.model.path)
         index = URSAPipeline.check_folder(folder)
         stride, size = vae_geometry(folder / "vae")
     else:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from ..errors import ConfigError, UserError
 
+__all__ = ["REWARDS", "build_reward", "check_prompt_source", "check_reward", "records_problem"]
+
 REWARDS = {
     "shapeeval": ("udm_grpo.rewards.shapeeval", "ShapeEvalReward"),
     "clipscore": ("udm_grpo.rewards.clip_score", "CLIPReward"),

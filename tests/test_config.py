@@ -193,3 +193,20 @@ def test_batch_planner_mismatch_messages():
         plan_batches(16, 8, 32, 3, 3)
     with pytest.raises(ConfigError, match="training.micro_batch_size must be a positive integer"):
         plan_batches(16, 8, 32, 0, 3)
+
+
+def test_a_config_built_in_code_is_checked_like_one_from_yaml(tmp_path):
+    """The trainer's start check re-validates the Config it is given: the same sentence as from an override."""
+    from udm_grpo.grpo.trainer import UDMGRPOTrainer
+
+    with pytest.raises(ConfigError) as from_yaml:
+        load_config(None, ["sampling.train_steps=20"])
+    cfg = Config()
+    cfg.sampling.train_steps = 20
+    with pytest.raises(ConfigError) as in_code:
+        UDMGRPOTrainer(cfg, progress=False)
+    assert str(in_code.value) == str(from_yaml.value) and "'sampling.train_steps' 20 exceeds" in str(in_code.value)
+    cfg = Config()
+    cfg.training.lr = -1.0
+    with pytest.raises(ConfigError, match="'training.lr' must be a positive number, got -1.0"):
+        UDMGRPOTrainer(cfg, progress=False)

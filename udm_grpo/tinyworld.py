@@ -17,19 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import (
-    BOOL,
-    NONNEG_FLOAT,
-    NONNEG_INT,
-    POS_FLOAT,
-    POS_INT,
-    choice,
-    float_rule,
-    int_rule,
-    opt,
-    register_section,
-    section,
-)
+from .config import choice, float_rule, int_rule, opt, section
+from .config.rules import BOOL, NONNEG_FLOAT, NONNEG_INT, POS_FLOAT, POS_INT
 from .data.shapes import BACKGROUND, COLORS, generate_records, render, sample_records
 from .data.text_tokenizer import build_word_tokenizer, tiny_world_vocabulary
 from .diffusion.loss import pretraining_loss
@@ -47,7 +36,6 @@ TINY_WORLD_SAMPLING = SamplingOptions(num_inference_steps=20, guidance_scale=1.0
 """The tiny world's sampling (sample, eval shapes, the trainer's held-out eval): 20 steps, CFG-free."""
 
 
-@register_section
 @dataclass
 class SamplingDefaults:
     """The `sampling` section of a pretrain config: `TINY_WORLD_SAMPLING`'s settings, as YAML keys."""

@@ -1,9 +1,11 @@
 """Every check a training start makes before it loads weights: one function for `UDMGRPOTrainer` and for
 `udm-grpo train --check`, so that a config `--check` passes is one the trainer starts with.
 
-Checked: the engine and LoRA, the batch plan for the number of processes, the reward's name and parameters,
-the model folder's layout, the rollout image size against the tokenizer's stride, the prompt sources
-(readable, non-empty, and records the reward can score) and the held-out set built from them.
+Checked: every key's rule and the cross-field checks of the config (`config.validate_config`, so a `Config`
+built in code is checked as one loaded from YAML), the engine and LoRA, the batch plan for the number of
+processes, the reward's name and parameters, the model folder's layout, the rollout image size against the
+tokenizer's stride, the prompt sources (readable, non-empty, and records the reward can score) and the held-out
+set built from them. The trainer runs it before it sets anything up.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Config
+from ..config import Config, validate_config
 from ..data.prompts import load_prompts
 from ..errors import ConfigError, UserError
 from ..pipelines import model_folder
@@ -41,6 +43,7 @@ def check_start(cfg: Config, world: int, pipeline=None, reward_given: bool = Fal
     from ..models.pipeline import URSAPipeline, token_grid
     from ..models.vae import vae_geometry
 
+    validate_config(cfg)
     spec = engine_spec(cfg.training.engine, cfg.training.zero_stage)
     if cfg.model.lora is not None and spec.kind != "ddp":
         raise UserError(f"model.lora trains under DDP only; this run's engine is {spec.describe()} "

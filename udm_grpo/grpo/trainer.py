@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from ..models.pipeline import URSAPipeline
 from .advantages import expand_prompts, group_advantages, group_stats
 from .checkpoint import begin_checkpoint, commit_checkpoint, load_checkpoint, resolve_checkpoint, write_rng
 from .control import RunFolder, StopOnSigint, all_processes
-from .engine import build_engine, engine_spec, plain_accelerator_env, world_layout
+from .engine import build_engine, plain_accelerator_env, world_layout
 from .evaluation import summarise_eval
 from .logger import RunLogger, plot_curves
 from .objective import action_log_probs, grpo_loss, token_entropy
@@ -56,13 +57,14 @@ class UDMGRPOTrainer:
         from accelerate import Accelerator
 
         self.cfg, c = config, config
-        kind = engine_spec(c.training.engine, c.training.zero_stage).kind
-        with plain_accelerator_env():
-            self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available(),
-                                                  mixed_precision=c.training.mixed_precision if kind == "ddp" else "no")
-        self.rank, self.world = self.acc.process_index, self.acc.num_processes
-        start = check_start(c, self.world, pipeline, reward is not None)  # what `train --check` checks
+        world = accelerator.num_processes if accelerator else int(os.environ.get("WORLD_SIZE", 1))
+        start = check_start(c, world, pipeline, reward is not None)  # what `train --check` checks, before any setup
         self.spec, self.plan = start.spec, start.plan
+        with plain_accelerator_env():
+            self.acc = accelerator or Accelerator(
+                cpu=not torch.cuda.is_available(),
+                mixed_precision=c.training.mixed_precision if self.spec.kind == "ddp" else "no")
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.progress = progress and self.acc.is_main_process
         self.compute_dtype = torch.bfloat16 if c.bf16 else torch.float32
         if pipeline is None:

@@ -207,10 +207,11 @@ class URSAPipeline:
         text = self.encode_prompt(prompts)
         uncond = self.encode_prompt([negative_prompt] * len(prompts)) if options.guidance_scale != 1.0 else None
         size = options.batch_size or len(prompts)
+        model = self.transformer if model is None else model
         ids, trajectories, images = [], [], []
         for i in range(0, len(prompts), size):
             sl = slice(i, i + size)
-            result = sample_tokens(model or self.transformer, self.scheduler, text[sl], grid, options,
+            result = sample_tokens(model, self.scheduler, text[sl], grid, options,
                                    None if uncond is None else uncond[sl], generator, record)
             x, trajectory = result if record else (result, None)
             ids.append(x)

@@ -1,11 +1,8 @@
-"""Typed configuration of a UDM-GRPO run: dataclass defaults (the paper's recipe), YAML + dotted overrides.
-
-`load_config(path, ["sampling.train_steps=2", ...])` merges YAML files (one path or a list of layers,
-later wins) and `key=value` overrides onto the defaults with OmegaConf (plain `${a.b}` interpolation only:
-no `eval` or other custom resolvers), checks every key and value, and returns a `Config`. Every problem
-raises ConfigError with one sentence naming the key (and the file or override that set it). Key names
-follow the official UDM-GRPO configs where they exist.
-"""
+"""Loading a run config: YAML layers and dotted `key=value` overrides merged onto the schema's defaults with
+OmegaConf (plain `${a.b}` interpolation only: no `eval` or other custom resolvers), every key and value checked
+(unknown keys with a suggestion, leaf rules, the cross-field checks of `Config`), each problem one ConfigError
+sentence naming the key and the file or override that set it; writing a resolved config and its commented
+template."""
 
 from __future__ import annotations
 
@@ -13,159 +10,18 @@ import dataclasses
 import difflib
 import os
 import textwrap
+import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config_rules import (  # noqa: F401  (re-exported)
-    BETAS,
-    BOOL,
-    INT_PAIR,
-    MAPPING,
-    MIXED_PRECISION,
-    NONNEG_FLOAT,
-    NONNEG_INT,
-    NUMBERS,
-    POS_FLOAT,
-    POS_INT,
-    REWARD_NAME,
-    STRING,
-    Rule,
-    _is_int,
-    _is_num,
-    choice,
-    float_rule,
-    int_rule,
-    optional,
-)
-from .errors import ConfigError
-
-
-def opt(default, rule: Rule, help_text: str = ""):
-    """A dataclass field carrying its validation rule and a one-line help text."""
-    meta = {"rule": rule, "help": help_text}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def section(cls):
-    return field(default_factory=cls)
-
-
-@dataclass
-class ModelConfig:
-    path: str | None = opt(None, optional(STRING), "pipeline folder (official URSA layout); null = the tiny world")
-    lora: dict | None = opt(None, optional(MAPPING), "peft LoraConfig kwargs; null = full fine-tune")
-    gradient_checkpointing: int = opt(1, int_rule(0, 3), "0 none, 1 MLP, 2 MLP+QKV, 3 whole layer")
-    dtype: str = opt("bfloat16", choice("float32", "bfloat16"), "compute dtype: bfloat16 runs forwards under autocast "
-                     "and stores the frozen reference in bf16; trained weights are always float32 masters")
-
-
-@dataclass
-class RolloutConfig:
-    num_inference_steps: int = opt(10, POS_INT, "CTMC sampling steps per rollout (Reduced-Step: 10)")
-    guidance_scale: float = opt(1.0, float_rule("a number >= 1", lambda v: v >= 1), "1 = CFG-free")
-    guidance_trunc: float = opt(0.9, float_rule("a number in (0, 1]", lambda v: 0 < v <= 1), "CFG only while t < it")
-    height: int = opt(512, POS_INT, "image height in pixels")
-    width: int = opt(512, POS_INT, "image width in pixels")
-    batch_size: int | None = opt(None, optional(POS_INT), "images per rollout forward per process; null = all")
-
-    def options(self):
-        """These settings as the sampler's `SamplingOptions`."""
-        from .diffusion.sampler import SamplingOptions
-
-        return SamplingOptions(self.num_inference_steps, self.guidance_scale, self.guidance_trunc, self.height,
-                               self.width, self.batch_size)
-
-
-@dataclass
-class SamplingConfig:
-    num_prompts_per_step: int = opt(16, POS_INT, "prompts P per optimiser step (all processes together)")
-    num_images_per_prompt: int = opt(8, int_rule(2), "group size G")
-    train_steps: int = opt(3, POS_INT, "consecutive rollout steps trained per sample (Reduced-Step)")
-    train_start: list = opt([0, 3], INT_PAIR, "first trained step ~ UniformInt[lo, hi)")
-    forward_process: bool = opt(True, BOOL, "states re-noised from the final sample (false: rollout states)")
-    clean_response: bool = opt(True, BOOL, "action = final clean sample (false: the step's own prediction)")
-    rollout: RolloutConfig = section(RolloutConfig)
-
-
-@dataclass
-class RewardConfig:
-    name: str | list = opt("geneval", REWARD_NAME, "reward name, or a list of names summed with reward.weights")
-    params: dict = opt({}, MAPPING, "keyword arguments of the reward (of a list: {name: {...}} per listed reward)")
-    weights: list | None = opt(None, optional(NUMBERS), "weights of a list of rewards; null = all 1")
-    normalize: bool = opt(False, BOOL, "standardise each listed reward's scores per call before the weighted sum")
-    advantage_clipping: float | None = opt(5.0, optional(POS_FLOAT), "clip advantages to +-this; null = off")
-    advantage_eps: float = opt(1e-4, POS_FLOAT, "A = (s - mean) / (std + eps)")
-    global_std: bool = opt(False, BOOL, "normalise by the std of all scores instead of per group")
-    ratio_clipping: float = opt(1e-4, float_rule("a number in (0, 1)", lambda v: 0 < v < 1), "PPO epsilon")
-    kl_beta: float = opt(0.05, NONNEG_FLOAT, "weight of the k3 KL to the reference; 0 = no reference")
-    kl_mode: str = opt("sequence", choice("sequence", "token"), "k3 on sequence-mean or per-token log-probs")
-
-
-@dataclass
-class TrainingConfig:
-    micro_batch_size: int | None = opt(None, optional(POS_INT), "samples per forward/backward; null = all")
-    updates_per_rollout: int = opt(1, POS_INT, "optimiser updates per rollout (>1 stores old log-probs)")
-    max_steps: int = opt(10000, POS_INT, "optimiser steps")
-    lr: float = opt(1e-6, POS_FLOAT, "AdamW learning rate (constant after the warm-up)")
-    lr_warmup_steps: int = opt(0, NONNEG_INT, "linear learning-rate warm-up steps; 0 = none (the paper)")
-    betas: list = opt([0.9, 0.95], BETAS, "AdamW betas")
-    weight_decay: float = opt(0.01, NONNEG_FLOAT, "AdamW weight decay")
-    max_grad_norm: float | None = opt(1.0, optional(POS_FLOAT), "global gradient-norm clip; null = off")
-    seed: int = opt(1337, NONNEG_INT, "base seed (per-rank streams derive from it)")
-    mixed_precision: str = opt("bf16", MIXED_PRECISION, "accelerate's mixed precision; 'bf16' also makes "
-                               "forwards bfloat16 (as model.dtype does)")
-    max_nonfinite: int = opt(3, POS_INT, "stop after this many consecutive non-finite steps")
-    engine: str = opt("auto", choice("auto", "ddp", "deepspeed", "fsdp"), "auto = what `accelerate launch "
-                      "--config_file` selected (DeepSpeed, FSDP), else DDP")
-    zero_stage: int | None = opt(None, optional(int_rule(1, 3)), "DeepSpeed ZeRO stage; null = the accelerate "
-                                 "config's, else 2 (the paper)")
-
-
-@dataclass
-class ExperimentConfig:
-    output_dir: str = opt("runs/udm-grpo", STRING, "run folder: resolved config, logs, samples, checkpoints")
-    resume_from_checkpoint: str | None = opt(None, optional(STRING), "checkpoint folder or 'latest'; null = fresh")
-    log_every: int = opt(5, POS_INT, "steps between metric log lines")
-    eval_every: int = opt(100, NONNEG_INT, "steps between held-out evaluations; 0 = off")
-    save_every: int = opt(100, NONNEG_INT, "steps between checkpoints; 0 = only at the end")
-    num_eval_prompts: int = opt(64, POS_INT, "held-out prompts per evaluation")
-    eval_images_per_prompt: int = opt(1, POS_INT, "images per held-out prompt")
-    eval_images_per_tag: int | None = opt(None, optional(POS_INT), "tagged prompts: this many held-out images "
-                                          "per tag instead (small tags repeat prompts); null = off")
-    eval_num_inference_steps: int = opt(25, POS_INT, "sampling steps of the held-out evaluation")
-    eval_guidance_scale: float = opt(1.0, float_rule("a number >= 1", lambda v: v >= 1), "guidance of the evaluation")
-    keep_checkpoints: int | None = opt(3, optional(POS_INT), "keep the newest N checkpoints; null = all")
-    wandb: bool = opt(False, BOOL, "also log to Weights & Biases")
-
-
-@dataclass
-class DataConfig:
-    train: str | None = opt(None, optional(STRING), "training prompts (.txt/.jsonl or built-in set); null = default")
-    test: str | None = opt(None, optional(STRING), "held-out prompts, never optimised; null = default")
-    shuffle: bool = opt(True, BOOL, "shuffle training prompts each epoch")
-
-
-@dataclass
-class Config:
-    model: ModelConfig = section(ModelConfig)
-    sampling: SamplingConfig = section(SamplingConfig)
-    reward: RewardConfig = section(RewardConfig)
-    training: TrainingConfig = section(TrainingConfig)
-    experiment: ExperimentConfig = section(ExperimentConfig)
-    data: DataConfig = section(DataConfig)
-
-    @property
-    def bf16(self) -> bool:
-        """Compute in bf16 (autocast forwards, a bf16 reference): `model.dtype: bfloat16` or bf16 mixed precision."""
-        return self.model.dtype == "bfloat16" or self.training.mixed_precision == "bf16"
-
+from ..errors import ConfigError
+from .rules import Rule
+from .schema import Config
 
 # keys of the official UDM-GRPO configs -> the end of the error sentence
 _RENAMED = {
@@ -183,20 +39,15 @@ _RENAMED = {
 }
 
 
-def _section_cls(f: dataclasses.Field):
-    """The dataclass of a nested section (annotations are strings under `from __future__ import annotations`)."""
-    if not isinstance(f.type, str):
-        return f.type
-    return _SECTIONS.get(f.type) or globals()[f.type]
+@cache
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
-_SECTIONS: dict[str, type] = {}
-
-
-def register_section(cls):
-    """Make a section dataclass of another module (e.g. the tiny-world schema) resolvable by name."""
-    _SECTIONS[cls.__name__] = cls
-    return cls
+def _section_cls(cls, f: dataclasses.Field) -> type:
+    """The dataclass of the nested section `f` of `cls`, from the type hints of `cls` (annotations are strings
+    under `from __future__ import annotations`; its module resolves them)."""
+    return _hints(cls)[f.name]
 
 
 def config_to_dict(config: Config) -> dict:
@@ -240,7 +91,7 @@ def _check_keys(data: Mapping, cls, prefix: str, where: str) -> dict:
         if sub:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"config key '{dotted}'{where} must be a mapping of keys, got {_fmt(value)}.")
-            value = _check_keys(value, _section_cls(fields[key]), f"{dotted}.", where)
+            value = _check_keys(value, _section_cls(cls, fields[key]), f"{dotted}.", where)
         out[key] = value
     return out
 
@@ -251,7 +102,7 @@ def _build(cls, data: Mapping, prefix: str, origins: dict[str, str]):
         dotted = f"{prefix}{f.name}"
         rule: Rule | None = f.metadata.get("rule")
         if rule is None:
-            kwargs[f.name] = _build(_section_cls(f), data.get(f.name) or {}, f"{dotted}.", origins)
+            kwargs[f.name] = _build(_section_cls(cls, f), data.get(f.name) or {}, f"{dotted}.", origins)
             continue
         value = data[f.name]
         if not rule.test(value):
@@ -347,7 +198,7 @@ def _flat_keys(data: Mapping, prefix: str = "") -> list[str]:
 
 
 def _read_yaml(path: str) -> dict:
-    from .textfiles import read_text
+    from ..textfiles import read_text
 
     text = read_text(path, "config file", ConfigError)
     try:
@@ -404,7 +255,7 @@ def load_config(path: str | os.PathLike | Sequence[str | os.PathLike | None] | N
 
 def save_resolved(config, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically (creates parent folders)."""
-    from .outputs import write_text_atomic
+    from ..outputs import write_text_atomic
 
     write_text_atomic(path, OmegaConf.to_yaml(OmegaConf.create(config_to_dict(config))))
 
@@ -418,7 +269,7 @@ def describe_schema() -> list[tuple[str, Any, str, str]]:
             rule = f.metadata.get("rule")
             value = getattr(obj, f.name)
             if rule is None:
-                walk(_section_cls(f), value, f"{prefix}{f.name}.")
+                walk(_section_cls(cls, f), value, f"{prefix}{f.name}.")
             else:
                 rows.append((f"{prefix}{f.name}", value, rule.phrase, f.metadata.get("help", "")))
 
@@ -443,12 +294,12 @@ def config_template(config: Config, title: str) -> str:
                 value, default = getattr(obj, g.name), getattr(ref, g.name)
                 if g.metadata.get("rule") is None:
                     lines.append(f"{indent}{g.name}:")
-                    walk(_section_cls(g), value, default, indent + "  ")
+                    walk(_section_cls(cls, g), value, default, indent + "  ")
                     continue
                 note = g.metadata.get("help", "")
                 if value != default:
                     note += f" (paper: {scalar(default)})"
                 lines.append(f"{indent}{g.name}: {scalar(value)}".ljust(40) + f"  # {note}")
 
-        walk(_section_cls(f), getattr(config, f.name), getattr(paper, f.name), "  ")
+        walk(_section_cls(Config, f), getattr(config, f.name), getattr(paper, f.name), "  ")
     return "\n".join(lines) + "\n"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from ..config import load_config
 from ..outputs import atomic_file, write_text_atomic
-from .control import check_run_dir
 from .logger import read_jsonl
+from .run_folder import check_run_dir
 
 VARIANTS: dict[str, dict] = {
     "naive": {"sampling.clean_response": False, "sampling.forward_process": False},

@@ -33,7 +33,7 @@ from ..models.io import save_folder
 from ..models.pipeline import URSAPipeline
 from .advantages import expand_prompts, group_advantages, group_stats
 from .checkpoint import begin_checkpoint, commit_checkpoint, load_checkpoint, resolve_checkpoint, write_rng
-from .control import RunFolder, StopOnSigint, all_processes
+from .control import StopOnSigint, all_processes
 from .engine import build_engine, plain_accelerator_env, world_layout
 from .evaluation import summarise_eval
 from .logger import RunLogger, plot_curves
@@ -41,6 +41,7 @@ from .objective import action_log_probs, grpo_loss, token_entropy
 from .policy import ImageLogits, MicroBatch, build_policy, micro_batch_logits
 from .preflight import check_start
 from .rollout import Rollout, rollout
+from .run_folder import RunFolder
 from .states import pick_train_steps, training_states
 
 

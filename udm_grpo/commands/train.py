@@ -115,7 +115,7 @@ def memory_text(cfg, folder: Path, index: dict, spec, plan) -> tuple[str, float]
     from ..models.transformer import URSAConfig
     from ..models.vae import vae_geometry
 
-    data, path = read_config(folder / "transformer", "transformer")
+    data, path = read_config(folder / "transformer", "transformer/")
     shape = Shape.from_config(URSAConfig.from_dict(data, str(path)))
     stride, _ = vae_geometry(folder / "vae")
     r = cfg.sampling.rollout

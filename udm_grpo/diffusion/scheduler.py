@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from ..textfiles import read_json
+from ..models.io import read_config
 from .categorical import draw_device, sample_logits
 from .paths import ProbPath, build_path
 
@@ -101,10 +101,7 @@ class KineticOptimalScheduler:
     @classmethod
     def from_pretrained(cls, folder: str | Path, num_embeddings: int | None = None) -> KineticOptimalScheduler:
         folder = Path(folder)
-        cfg_file = folder / CONFIG_NAME
-        if not cfg_file.exists():
-            raise CheckpointError(f"{folder}: missing {CONFIG_NAME}.")
-        cfg = read_json(cfg_file, "scheduler config", CheckpointError)
+        cfg, cfg_file = read_config(folder, "scheduler/", CONFIG_NAME)
         alpha = cfg.get("alpha")
         for key, value in (("alpha", alpha), ("c", cfg.get("c", 3.0)), ("eps", cfg.get("eps", 1e-5)),
                            ("shift", cfg.get("shift", 1.0))):

@@ -42,13 +42,14 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     return out
 
 
-def read_config(folder: Path, kind: str = "model") -> tuple[dict[str, Any], Path]:
-    """(parsed config.json, its path). CheckpointError if absent (hinting at a `kind/` folder),
-    ConfigError if not valid JSON or not a JSON object."""
-    path = folder / CONFIG_NAME
+def read_config(folder: Path, kind: str = "model", name: str = CONFIG_NAME) -> tuple[dict[str, Any], Path]:
+    """(parsed `name`, default config.json, its path): every JSON file of a model folder is read here.
+    CheckpointError if absent (asking whether `folder` is a `kind` folder, e.g. "vae/"), ConfigError if not
+    valid JSON or not a JSON object."""
+    path = Path(folder) / name
     if not path.exists():
-        raise CheckpointError(f"{folder}: no {CONFIG_NAME} found (is this a {kind}/ folder?).")
-    data = read_json(path, "model config", ConfigError)
+        raise CheckpointError(f"{folder}: no {name} found (is this a {kind} folder?).")
+    data = read_json(path, "file", ConfigError)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}.")
     return data, path

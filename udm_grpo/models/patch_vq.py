@@ -211,7 +211,7 @@ class PatchVQ(nn.Module):
         """Load a `vae/` folder written by `save_pretrained` (or a legacy .bin). Default dtype float32."""
         folder = Path(folder)
         dtype = resolve_dtype(dtype)
-        data, path = read_config(folder, "vae")
+        data, path = read_config(folder, "vae/")
         config = PatchVQConfig.from_dict(data, source=str(path))
         with torch.device("meta"):
             model = cls(config)

@@ -28,8 +28,7 @@ from ..data.text_tokenizer import encode_prompts
 from ..diffusion.sampler import SamplingOptions, Trajectory, sample_tokens
 from ..diffusion.scheduler import KineticOptimalScheduler
 from ..errors import CheckpointError, UserError
-from ..textfiles import read_json
-from .io import share_files
+from .io import read_config, share_files
 from .transformer import URSATransformer
 from .vae import load_vae
 
@@ -100,10 +99,7 @@ class URSAPipeline:
         CheckpointError naming what is missing (no weights are read)."""
         if not folder.is_dir():
             raise CheckpointError(f"{folder}: no such model folder.")
-        index_file = folder / "model_index.json"
-        if not index_file.exists():
-            raise CheckpointError(f"{folder}: missing model_index.json (not an URSA pipeline folder).")
-        index = read_json(index_file, "model index", CheckpointError)
+        index, _ = read_config(folder, "URSA pipeline", "model_index.json")
         for name in COMPONENTS:
             if not (folder / name).is_dir():
                 raise CheckpointError(f"{folder}: missing the '{name}/' component folder.")
@@ -283,7 +279,7 @@ def _portable_tokenizer_class(config_file: Path) -> None:
     a tokenizer.json-backed tokenizer from `PreTrainedTokenizerFast`."""
     if not config_file.is_file():
         return
-    config = read_json(config_file, "tokenizer config", CheckpointError)
+    config, _ = read_config(config_file.parent, "tokenizer/", config_file.name)
     if config.get("tokenizer_class") == "TokenizersBackend":
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
         config_file.write_text(json.dumps(config, indent=2) + "\n")

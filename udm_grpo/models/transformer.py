@@ -369,7 +369,7 @@ class URSATransformer(nn.Module):
         """
         folder = Path(folder)
         dtype = resolve_dtype(dtype)
-        data, path = read_config(folder, "transformer")
+        data, path = read_config(folder, "transformer/")
         config = URSAConfig.from_dict(data, source=str(path))
         with torch.device("meta"):
             model = cls(config)

@@ -23,7 +23,7 @@ VAE_CLASSES: dict[str, type[AutoencoderVQ] | type[PatchVQ]] = {"AutoencoderVQ": 
 def vae_geometry(folder: str | Path) -> tuple[int, int | tuple[int, int] | None]:
     """(pixels per token side, native `sample_size`) of a `vae/` folder from its config.json alone (no
     weights): PatchVQ's `patch_size`; AutoencoderVQ's 2^(L-1) for L levels, as its `spatial_stride`."""
-    data, path = read_config(Path(folder), "vae")
+    data, path = read_config(Path(folder), "vae/")
     if data.get("_class_name") == "PatchVQ":
         cfg = PatchVQConfig.from_dict(data, str(path))
         return cfg.patch_size, cfg.sample_size
@@ -39,7 +39,7 @@ def load_vae(
     Raises CheckpointError when config.json is missing or names another class.
     """
     folder = Path(folder)
-    data, path = read_config(folder, "vae")
+    data, path = read_config(folder, "vae/")
     name = data.get("_class_name")
     if name not in VAE_CLASSES:
         raise CheckpointError(f"{path}: '_class_name' is {name!r}, expected one of {', '.join(VAE_CLASSES)}.")

@@ -389,7 +389,7 @@ class AutoencoderVQ(nn.Module):
         only off the CPU, as the reference's `.to()` does. Returns the model in eval mode."""
         folder = Path(folder)
         dtype = resolve_dtype(dtype)
-        data, path = read_config(folder, "vae")
+        data, path = read_config(folder, "vae/")
         config = VQConfig.from_dict(data, source=str(path))
         with torch.device("meta"):
             model = cls(config)

@@ -153,7 +153,7 @@ def run(args) -> int:
     start = time.time()
     trainer = UDMGRPOTrainer(cfg)
     try:
-        result = trainer.train(resume=str(ckpt) if ckpt else None, force=args.force)
+        result = trainer.train(resume=ckpt, force=args.force)
     except TrainingError as e:
         print(f"udm-grpo train: stopped: {e}")
         return 1

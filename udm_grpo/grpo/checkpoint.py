@@ -77,7 +77,7 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve_checkpoint(spec: str, run_dir: Path | None = None, flag: str = "--resume") -> Path:
+def resolve_checkpoint(spec: str | Path, run_dir: Path | None = None, flag: str = "--resume") -> Path:
     """A checkpoint folder from 'latest' (the newest of `run_dir`), a run folder (its newest) or a
     checkpoint folder. UserError naming `flag` otherwise."""
     if spec == "latest":

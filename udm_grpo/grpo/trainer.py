@@ -287,10 +287,15 @@ class UDMGRPOTrainer:
         self.acc.wait_for_everyone()
         return tmp.with_name(tmp.name[:-4])
 
-    def resume(self, spec: str) -> Path:
+    def resume(self, spec: str | Path) -> Path:
         """Restore weights, optimizer, prompt cursor, counters and RNG from 'latest', a run folder or a
         checkpoint folder; returns the checkpoint folder."""
         folder = resolve_checkpoint(spec, self.run_dir)
+        self._restore(folder)
+        return folder
+
+    def _restore(self, folder: Path) -> None:
+        """`resume` from a resolved checkpoint folder."""
         opt_state, state, rng = load_checkpoint(folder, self.rank)
         if state.get("world_size", 1) != self.world:
             raise UserError(f"{folder} was written by {state['world_size']} processes; resume with the same number.")
@@ -310,10 +315,9 @@ class UDMGRPOTrainer:
         self.step, self.skipped, self.nonfinite = state["step"], state["skipped"], state["nonfinite"]
         self.generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])
-        return folder
 
     # ---- the loop -----------------------------------------------------------------------------
-    def train(self, max_steps: int | None = None, resume: str | None = None, force: bool = False) -> dict:
+    def train(self, max_steps: int | None = None, resume: str | Path | None = None, force: bool = False) -> dict:
         """Run until `max_steps` (the total, default training.max_steps); `resume`: 'latest', a run folder
         or a checkpoint folder. Ctrl-C (SIGINT) finishes the current step, saves a checkpoint and returns
         with "interrupted": True. Returns {"metrics", "eval", "first_eval", "step", "interrupted"}.
@@ -338,7 +342,7 @@ class UDMGRPOTrainer:
         """Resume from `folder` (if any), then the main process writes config.yaml and opens the logs."""
         c, e = self.cfg, self.cfg.experiment
         if folder is not None:
-            self.resume(str(folder))
+            self._restore(folder)
             if self.step >= max_steps:
                 raise UserError(f"{folder} is at step {self.step}, which already reaches the {max_steps} steps asked "
                                 f"for; pass the new total, e.g. --steps {self.step + max(1, e.save_every or 20)}.")

@@ -108,7 +108,7 @@ def test_dev_py_help_and_pass_through_are_documented():
 
 
 def test_verdict_reads_like_a_summary(tmp_path):
-    from udm_grpo.grpo.evaluation import verdict
+    from udm_grpo.commands.verdict import verdict
 
     records = [{"prompt": "p", "tag": t} for t in ("a", "b") for _ in range(16)]
     first = {"eval/strict": 0.2, "eval/strict/a": 0.1, "eval/strict/b": 0.3, "eval/ci95/strict": 0.05}

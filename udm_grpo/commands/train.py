@@ -144,10 +144,10 @@ def run(args) -> int:
     if args.check:
         return check(cfg, args.processes)
     from ..errors import TrainingError
-    from ..grpo.evaluation import verdict
     from ..grpo.logger import read_jsonl
     from ..grpo.run_folder import check_run_dir
     from ..grpo.trainer import UDMGRPOTrainer
+    from .verdict import verdict
 
     check_run_dir(Path(cfg.experiment.output_dir), ckpt, args.force, [cfg.model.path])  # before loading anything
     start = time.time()

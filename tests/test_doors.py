@@ -225,7 +225,8 @@ def test_unwritable_outputs_are_refused_before_any_work(tmp_path, capsys, monkey
 
 def test_commands_write_only_through_the_output_gate():
     """No module of udm_grpo/commands writes a file itself; the writers it calls go through `udm_grpo.outputs`."""
-    raw = re.compile(r"\.write_text\(|\.write_bytes\(|\.mkdir\(|shutil\.|savefig\(|\.open\(|\bopen\(|\.save\(")
+    raw = re.compile(r"\.write_text\(|\.write_bytes\(|\.mkdir\(|shutil\.(rmtree|copy|move)|savefig\(|\.open\(|\bopen\("
+                     r"|\.save\(|\.unlink\(|\.rename\(|os\.replace\(")
     for path in sorted((ROOT / "udm_grpo" / "commands").glob("*.py")):
         for n, line in enumerate(path.read_text().splitlines(), 1):
             assert not raw.search(line), f"{path.name}:{n} writes without udm_grpo.outputs: {line.strip()}"

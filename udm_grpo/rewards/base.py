@@ -108,3 +108,27 @@ def require_geneval_records(records: list, reward: str, vocabulary: Vocabulary |
     if bad := geneval_records_problem(records, reward, vocabulary, hint):
         raise UserError(f"metadata[{bad[0]}]: {bad[1]}")
     return records
+
+
+class GenEvalRecordsReward:
+    """Base of the rewards that score GenEval-schema metadata: `check_records` (the `check_prompt_source` and
+    service hook) and `records` (inside a call) apply `geneval_records_problem` with the class's `reward_name`,
+    `records_hint` and `vocabulary()` (None: GenEval's)."""
+
+    reward_name: str = "this reward"
+    records_hint: str = ""
+
+    @staticmethod
+    def vocabulary() -> Vocabulary | None:
+        return None
+
+    @classmethod
+    def check_records(cls, records: list) -> tuple[int, str] | None:
+        """(index, reason) of the first record this reward cannot score, or None."""
+        return geneval_records_problem(records, cls.reward_name, cls.vocabulary(), cls.records_hint)
+
+    @classmethod
+    def records(cls, metadata: list | None, n: int) -> list[dict]:
+        """The `n` metadata records of a call, validated (UserError "metadata[i]: reason")."""
+        return require_geneval_records(list(metadata) if metadata is not None else [None] * n, cls.reward_name,
+                                       cls.vocabulary(), cls.records_hint)

@@ -27,21 +27,12 @@ import torch
 
 from ..errors import CheckpointError, ConfigError, UserError
 from ..textfiles import iter_lines
-from .base import (
-    RewardOutput,
-    blend_strict,
-    check_batch,
-    geneval_records_problem,
-    require_geneval_records,
-    strict_weight,
-    to_uint8_images,
-)
+from .base import GenEvalRecordsReward, RewardOutput, blend_strict, check_batch, strict_weight, to_uint8_images
 from .geneval_rules import GENEVAL_COLORS, Detection, evaluate, filter_detections
 
 COCO_TO_GENEVAL = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard"}
 TEMPLATES = ("a photo of a {c} {cls}", "a photo of a {c}-colored {cls}", "a photo of a {c} object")
 GREY = 0x99
-RECORDS_HINT = "a .jsonl of GenEval records, e.g. from `udm-grpo data geneval`"
 
 
 def object_crop(image: np.ndarray, mask: np.ndarray, box) -> np.ndarray:
@@ -66,10 +57,12 @@ def mmdet_instances(result, labels: dict[int, str]) -> list[tuple[str, float, np
             if m.any()]
 
 
-class GenEvalReward:
+class GenEvalReward(GenEvalRecordsReward):
     """See the module docstring. `device` None = CUDA when available (then float16); models load lazily."""
 
     name = "geneval"
+    reward_name = "the GenEval reward"
+    records_hint = "a .jsonl of GenEval records, e.g. from `udm-grpo data geneval`"
 
     def __init__(self, detector: str = "facebook/mask2former-swin-small-coco-instance",
                  clip: str = "openai/clip-vit-large-patch14", class_names: str | None = None,
@@ -189,17 +182,10 @@ class GenEvalReward:
                     d.color = colour
         return dets
 
-    @staticmethod
-    def check_records(records: list) -> tuple[int, str] | None:
-        """(index, reason) of the first record that is not a GenEval-schema record over GenEval's 80 classes and
-        10 colours, or None."""
-        return geneval_records_problem(records, "the GenEval reward", hint=RECORDS_HINT)
-
     def __call__(self, images, prompts: list[str], metadata: list[dict | None]) -> RewardOutput:
         images = to_uint8_images(images)
         check_batch(images, prompts, metadata)
-        metadata = require_geneval_records(list(metadata) if metadata is not None else [None] * len(prompts),
-                                           "the GenEval reward", hint=RECORDS_HINT)
+        metadata = self.records(metadata, len(prompts))
         if self._detector is None:
             self._load()
         names = set(self.labels.values())

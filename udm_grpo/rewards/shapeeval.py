@@ -36,15 +36,7 @@ from scipy import ndimage
 from ..data.check import world_vocabulary
 from ..data.shapes import BACKGROUND, CLASSES, COLORS, MAX_SIZE, TAGS, shape_mask
 from ..errors import UserError
-from .base import (
-    RewardOutput,
-    blend_strict,
-    check_batch,
-    geneval_records_problem,
-    require_geneval_records,
-    strict_weight,
-    to_uint8_images,
-)
+from .base import GenEvalRecordsReward, RewardOutput, blend_strict, check_batch, strict_weight, to_uint8_images
 from .geneval_rules import Detection, evaluate
 
 _NAMES = list(COLORS)
@@ -52,7 +44,6 @@ _PALETTE = np.array([BACKGROUND] + [COLORS[c] for c in _NAMES], dtype=np.float32
 MAX_SIDE = round(1.3 * MAX_SIZE)  # longest plausible box side (px)
 MIN_ASPECT = 0.6  # least plausible min / max box side
 CLEAN_PURITY = 0.9  # a clean shape's share of its main colour (the census only, not the rules)
-RECORDS_HINT = "the tiny world's records, e.g. shapes:train, or a .jsonl of GenEval records over its classes"
 
 
 @lru_cache(maxsize=4096)
@@ -177,7 +168,7 @@ def score_images(images, records: list[dict], **kwargs) -> tuple[np.ndarray, np.
     """(scores float[B], strict bool[B], details per image) for uint8 images [B, H, W, 3] (numpy or torch).
     Details: `evaluate`'s, plus the image's census "blobs" and "clean" (see `detect`)."""
     images = to_uint8_images(images)
-    records = require_geneval_records(records, "ShapeEval", world_vocabulary(), RECORDS_HINT)
+    records = ShapeEvalReward.records(records, len(records))
     if len(images) != len(records):
         raise UserError(f"ShapeEval got {len(images)} images for {len(records)} records.")
     labels = colour_labels(images, kwargs.get("colour_threshold", 70.0)) if len(images) else []
@@ -189,11 +180,15 @@ def score_images(images, records: list[dict], **kwargs) -> tuple[np.ndarray, np.
     return scores, stricts, details
 
 
-class ShapeEvalReward:
+class ShapeEvalReward(GenEvalRecordsReward):
     """Reward protocol: scores = (1 - w) * partial-credit GenEval score + w * strict 0/1 - c * (1 - clean),
     with w = `strict` (false = 0: the score alone; true = 1: strict alone), c = `clean` and clean = the
     image's fraction of drawn blobs that are clean shapes (1 when it draws none; see `detect`'s census).
     values = {"strict": 0/1, "score": partial credit, "clean": clean}. Metadata records are required."""
+
+    reward_name = "ShapeEval"
+    records_hint = "the tiny world's records, e.g. shapes:train, or a .jsonl of GenEval records over its classes"
+    vocabulary = staticmethod(world_vocabulary)
 
     def __init__(self, strict: bool | float = False, clean: float = 0.0, min_area: int = 12, min_side: int = 4,
                  max_side: int = MAX_SIDE, min_aspect: float = MIN_ASPECT, min_iou: float = 0.6,
@@ -204,11 +199,6 @@ class ShapeEvalReward:
         self.clean = float(clean)
         self.detector_kwargs = {"min_area": min_area, "min_side": min_side, "max_side": max_side,
                                 "min_aspect": min_aspect, "min_iou": min_iou, "colour_threshold": colour_threshold}
-
-    @staticmethod
-    def check_records(records: list) -> tuple[int, str] | None:
-        """(index, reason) of the first record that is not a GenEval-schema record of the tiny world, or None."""
-        return geneval_records_problem(records, "ShapeEval", world_vocabulary(), RECORDS_HINT)
 
     def __call__(self, images, prompts: list[str], metadata: list[dict | None]) -> RewardOutput:
         images = to_uint8_images(images)

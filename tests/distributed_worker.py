@@ -39,15 +39,15 @@ RECIPES = {
 def layout_free_rollout():
     calls = {"n": 0}
 
-    def run(pipe, model, prompts, metadata, options, generator):
+    def run(pipe, logits, prompts, metadata, options, generator):
         per = len(prompts)
         calls["n"] += 1
         if not per:
-            return rollout(pipe, model, prompts, metadata, options, generator)
+            return rollout(pipe, logits, prompts, metadata, options, generator)
         parts = []
         for i in range(per):
             gen = torch.Generator().manual_seed(10_000 * calls["n"] + RANK * per + i)
-            parts.append(rollout(pipe, model, prompts[i:i + 1], metadata[i:i + 1], options, gen))
+            parts.append(rollout(pipe, logits, prompts[i:i + 1], metadata[i:i + 1], options, gen))
         first = parts[0]
         return Rollout(prompts, metadata, torch.cat([p.text_ids for p in parts]), None, first.grid,
                        torch.cat([p.final for p in parts]), torch.cat([p.states for p in parts], 1),

@@ -40,7 +40,7 @@ class FixedModel:
 def test_sampler_reaches_fixed_prediction(path):
     target = torch.randint(0, K, (1, 16), generator=torch.Generator().manual_seed(0))
     sched = KineticOptimalScheduler(path, shift=2.0)
-    out, traj = sample_tokens(FixedModel(target), sched, torch.zeros(3, 4, dtype=torch.long), (4, 4),
+    out, traj = sample_tokens(FixedModel(target).image_logits, sched, torch.zeros(3, 4, dtype=torch.long), (4, 4),
                               SamplingOptions(6, 1.0), generator=torch.Generator().manual_seed(1), record=True)
     assert torch.equal(out, target.expand(3, 16))
     assert len(traj.states) == 6 and len(traj.predictions) == 6 and traj.t[0] == 0.0
@@ -74,8 +74,8 @@ def test_sampler_final_distribution_matches_data(path):
     sched = KineticOptimalScheduler(path, shift=1.0)
     n = 40_000
     model = PosteriorModel(path, sched, p_data)
-    out = sample_tokens(model, sched, torch.zeros(1, 1, dtype=torch.long), (1, n), SamplingOptions(60, 1.0),
-                        generator=torch.Generator().manual_seed(4))
+    out = sample_tokens(model.image_logits, sched, torch.zeros(1, 1, dtype=torch.long), (1, n),
+                        SamplingOptions(60, 1.0), generator=torch.Generator().manual_seed(4))
     freq = torch.bincount(out.flatten(), minlength=K).double() / n
     assert 0.5 * (freq - p_data.double()).abs().sum() < 0.03
 
@@ -83,8 +83,8 @@ def test_sampler_final_distribution_matches_data(path):
 def test_guidance_needs_uncond():
     sched = KineticOptimalScheduler(MixturePath(K))
     with pytest.raises(ValueError):
-        sample_tokens(FixedModel(torch.zeros(1, 4, dtype=torch.long)), sched, torch.zeros(1, 2, dtype=torch.long),
-                      (2, 2), SamplingOptions(2, 3.0))
+        sample_tokens(FixedModel(torch.zeros(1, 4, dtype=torch.long)).image_logits, sched,
+                      torch.zeros(1, 2, dtype=torch.long), (2, 2), SamplingOptions(2, 3.0))
 
 
 def test_cfg_mixes_logits_until_trunc():
@@ -96,8 +96,8 @@ def test_cfg_mixes_logits_until_trunc():
             return torch.zeros(*image_ids.shape, K)
 
     sched = KineticOptimalScheduler(MixturePath(K), shift=1.0)
-    sample_tokens(Recorder(), sched, torch.ones(2, 3, dtype=torch.long), (2, 2), SamplingOptions(10, 5.0, 0.5),
-                  uncond_ids=torch.zeros(2, 3, dtype=torch.long))
+    sample_tokens(Recorder().image_logits, sched, torch.ones(2, 3, dtype=torch.long), (2, 2),
+                  SamplingOptions(10, 5.0, 0.5), uncond_ids=torch.zeros(2, 3, dtype=torch.long))
     # t_k = k/10: steps with t < 0.5 (k = 0..4) run both branches in one batch of 4.
     assert calls == [4] * 5 + [2] * 5
 

@@ -9,6 +9,7 @@ draws x1_hat and jumps. The last step's draw is the final sample.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -60,6 +61,11 @@ class ImageLogitsModel(Protocol):
         ...
 
 
+LogitsFn = Callable[[torch.Tensor, torch.Tensor, tuple[int, int]], torch.Tensor]
+"""What the sampler calls: (text_ids Long[B, L], image_ids Long[B, N], grid) -> Float[B, N, K] clean-token
+logits, e.g. `transformer.image_logits` or a wrapped policy whose forward takes the same arguments."""
+
+
 @dataclass
 class Trajectory:
     """What a rollout saw, per step k: the model input x_{t_k} and the sampled x1_hat^{(k)}.
@@ -83,7 +89,7 @@ class Trajectory:
 
 
 def guided_logits(
-    model: ImageLogitsModel,
+    logits: LogitsFn,
     text_ids: torch.Tensor,
     x: torch.Tensor,
     grid: tuple[int, int],
@@ -92,15 +98,15 @@ def guided_logits(
 ) -> torch.Tensor:
     """Float[B, N, K] logits at state x, mixed u + s (c - u) when s != 1."""
     if guidance_scale == 1.0 or uncond_ids is None:
-        return model.image_logits(text_ids, x, grid)
-    both = model.image_logits(torch.cat([text_ids, uncond_ids]), torch.cat([x, x]), grid)
+        return logits(text_ids, x, grid)
+    both = logits(torch.cat([text_ids, uncond_ids]), torch.cat([x, x]), grid)
     cond, uncond = both.float().chunk(2)
     return uncond + guidance_scale * (cond - uncond)
 
 
 @torch.no_grad()
 def sample_tokens(
-    model: ImageLogitsModel,
+    logits_fn: LogitsFn,
     scheduler: KineticOptimalScheduler,
     text_ids: torch.Tensor,
     grid: tuple[int, int],
@@ -129,7 +135,7 @@ def sample_tokens(
     for k in scheduler.timesteps:
         t = scheduler.t_of(k)
         scale = options.guidance_scale if t < options.guidance_trunc else 1.0
-        logits = guided_logits(model, text_ids, x, grid, scale, uncond_ids)
+        logits = guided_logits(logits_fn, text_ids, x, grid, scale, uncond_ids)
         x_next, x1_hat = scheduler.step(logits, k, x, generator)
         if record:
             traj.t.append(t)

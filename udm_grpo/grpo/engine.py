@@ -4,8 +4,8 @@ The trainer never touches an engine directly. It asks for:
 
     module                    the wrapped policy (an `ImageLogits`); call it for training and, under
                               sharded parameters, for rollouts too (each forward gathers what it needs)
-    sampler()                 what the sampler calls `image_logits` on: the bare model when every
-                              process holds full parameters (DDP, ZeRO-1/2), the wrapped forward otherwise
+    sampler()                 the logits function the sampler calls: the bare model's `image_logits` when
+                              every process holds full parameters (DDP, ZeRO-1/2), the wrapped forward otherwise
     backward(loss, last)      one micro-batch; gradients are synchronised at `last` only.
                               The loss is pre-divided by the accumulation count (DeepSpeed divides itself)
     step(lr) -> grad norm     clip, then step; None when the gradient norm is non-finite on any process
@@ -38,7 +38,6 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
-from .policy import Caller
 
 ENGINES = ("auto", "ddp", "deepspeed", "fsdp")
 
@@ -117,7 +116,7 @@ class Engine:
         return [p for p in self.inner.parameters() if p.requires_grad]
 
     def sampler(self):
-        return self.inner.model if not self.sharded else Caller(lambda t, x, g: self.module(t, x, g))
+        return self.inner.model.image_logits if not self.sharded else self.module
 
     def micro_context(self, last: bool):
         return self.acc.no_sync(self.module) if not last else contextlib.nullcontext()

@@ -38,7 +38,8 @@ class MicroBatch:
 
 
 class ImageLogits(torch.nn.Module):
-    """Routes `image_logits` through `forward`, so DDP/FSDP wrappers see the call."""
+    """Routes `image_logits` through `forward`, so DDP/FSDP wrappers see the call; the module (wrapped or not) is
+    then itself a logits function of the sampler (`diffusion.sampler.LogitsFn`)."""
 
     def __init__(self, model):
         super().__init__()
@@ -46,13 +47,6 @@ class ImageLogits(torch.nn.Module):
 
     def forward(self, text_ids, image_ids, grid):
         return self.model.image_logits(text_ids, image_ids, tuple(grid))
-
-
-class Caller:
-    """Gives a callable the `image_logits` method the sampler helpers expect."""
-
-    def __init__(self, fn):
-        self.image_logits = fn
 
 
 def build_policy(transformer, model_cfg, kl_beta: float, compute_dtype: torch.dtype):
@@ -79,4 +73,4 @@ def micro_batch_logits(module: torch.nn.Module, m: MicroBatch, rollout_cfg) -> t
     """Float[b, N, K] logits of `module` (an `ImageLogits`, possibly wrapped by DDP) at the micro-batch's
     states: the guided mixture u + s (c - u) when the rollout used guidance s at time t."""
     scale = rollout_cfg.guidance_scale if m.t < rollout_cfg.guidance_trunc else 1.0
-    return guided_logits(Caller(lambda a, b, g: module(a, b, g)), m.text, m.states, m.grid, scale, m.uncond)
+    return guided_logits(module, m.text, m.states, m.grid, scale, m.uncond)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..diffusion.sampler import SamplingOptions
+from ..diffusion.sampler import LogitsFn, SamplingOptions
 from ..models.pipeline import URSAPipeline
 
 
@@ -38,10 +38,11 @@ class Rollout:
         return self.final.shape[0]
 
 
-def rollout(pipe: URSAPipeline, model, prompts: list[str], metadata: list, options: SamplingOptions,
+def rollout(pipe: URSAPipeline, logits: LogitsFn, prompts: list[str], metadata: list, options: SamplingOptions,
             generator: torch.Generator) -> Rollout:
-    """One image per entry of `prompts` (already repeated G times) with `model`, through `pipe.generate`, with
-    the trajectory. An empty `prompts` (a process with no share of the prompts) gives an empty Rollout."""
+    """One image per entry of `prompts` (already repeated G times) with the policy's `logits`, through
+    `pipe.generate`, with the trajectory. An empty `prompts` (a process with no share of the prompts) gives an
+    empty Rollout."""
     if not prompts:
         grid = pipe.grid(options.height, options.width)
         none = torch.zeros(0, grid[0] * grid[1], dtype=torch.long, device=pipe.device)
@@ -49,7 +50,7 @@ def rollout(pipe: URSAPipeline, model, prompts: list[str], metadata: list, optio
         return Rollout([], list(metadata), torch.zeros(0, pipe.max_prompt_length, dtype=torch.long), None, grid,
                        none, none[None], none[None], torch.zeros(0, dtype=torch.float64),
                        np.zeros((0, *size, 3), dtype=np.uint8))
-    out = pipe.generate(prompts, options, generator, model=model, record=True)
+    out = pipe.generate(prompts, options, generator, logits=logits, record=True)
     traj = out.trajectory
     return Rollout(prompts, metadata, out.text_ids, out.uncond_ids, out.grid, out.ids, torch.stack(traj.states),
                    torch.stack(traj.predictions), torch.tensor(traj.t, dtype=torch.float64), out.images)

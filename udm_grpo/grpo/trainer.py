@@ -94,7 +94,8 @@ class UDMGRPOTrainer:
 
     @contextlib.contextmanager
     def _sampling(self):
-        """Rollouts and evaluation: no grad, eval mode (no dropout), compute-dtype autocast."""
+        """Rollouts and evaluation: no grad, eval mode (no dropout), compute-dtype autocast; yields the policy's
+        logits function for the sampler."""
         model = self.engine.inner.model
         model.eval()
         try:
@@ -136,8 +137,8 @@ class UDMGRPOTrainer:
         c, per = self.cfg, self.plan.images_per_process
         expanded = expand_prompts(self.data.next(c.sampling.num_prompts_per_step), c.sampling.num_images_per_prompt)
         local = expanded[self.rank * per: (self.rank + 1) * per]
-        with self._sampling() as model:
-            return rollout(self.pipe, model, [x["prompt"] for x in local], local, c.sampling.rollout.options(),
+        with self._sampling() as logits:
+            return rollout(self.pipe, logits, [x["prompt"] for x in local], local, c.sampling.rollout.options(),
                            self.generator)
 
     def _reward(self, ro: Rollout) -> tuple[torch.Tensor, dict]:
@@ -238,8 +239,8 @@ class UDMGRPOTrainer:
         gen = torch.Generator(device=self.acc.device).manual_seed(12345 + self.rank)
         options = self.cfg.sampling.rollout.options().replace(num_inference_steps=e.eval_num_inference_steps,
                                                               guidance_scale=e.eval_guidance_scale)
-        with self._sampling() as model:
-            ro = rollout(self.pipe, model, [x["prompt"] for x in local], local, options, gen)
+        with self._sampling() as logits:
+            ro = rollout(self.pipe, logits, [x["prompt"] for x in local], local, options, gen)
         out = self.reward(ro.images[:real], ro.prompts[:real], ro.metadata[:real])
         scores = self._gather_all(out.scores, len(records))
         values = {name: self._gather_all(v, len(records)) for name, v in out.values.items()}

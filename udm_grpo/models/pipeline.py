@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..data.text_tokenizer import encode_prompts
-from ..diffusion.sampler import SamplingOptions, Trajectory, sample_tokens
+from ..diffusion.sampler import LogitsFn, SamplingOptions, Trajectory, sample_tokens
 from ..diffusion.scheduler import KineticOptimalScheduler
 from ..errors import CheckpointError, UserError
 from .io import read_config, share_files
@@ -195,19 +195,19 @@ class URSAPipeline:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], options: SamplingOptions, generator: torch.Generator | None = None,
-                 model=None, record: bool = False, negative_prompt: str = "") -> PipelineOutput:
-        """One image per entry of `prompts`: encode (left-padded), sample with `model` (default this pipeline's
-        transformer; the trainer passes its policy) in calls of `options.batch_size`, decode. With `record`, the
-        trajectory of every call, joined."""
+                 logits: LogitsFn | None = None, record: bool = False, negative_prompt: str = "") -> PipelineOutput:
+        """One image per entry of `prompts`: encode (left-padded), sample with `logits` (default this pipeline's
+        `transformer.image_logits`; the trainer passes its policy's) in calls of `options.batch_size`, decode.
+        With `record`, the trajectory of every call, joined."""
         grid = self.grid(options.height, options.width)
         text = self.encode_prompt(prompts)
         uncond = self.encode_prompt([negative_prompt] * len(prompts)) if options.guidance_scale != 1.0 else None
         size = options.batch_size or len(prompts)
-        model = self.transformer if model is None else model
+        logits = self.transformer.image_logits if logits is None else logits
         ids, trajectories, images = [], [], []
         for i in range(0, len(prompts), size):
             sl = slice(i, i + size)
-            result = sample_tokens(model, self.scheduler, text[sl], grid, options,
+            result = sample_tokens(logits, self.scheduler, text[sl], grid, options,
                                    None if uncond is None else uncond[sl], generator, record)
             x, trajectory = result if record else (result, None)
             ids.append(x)

@@ -153,7 +153,7 @@ def test_forward_process_states_follow_marginal():
 
 
 def test_ablation_ladder_writes_table_and_plot(tmp_path, capsys):
-    from udm_grpo.grpo.ablation import VARIANTS, run_ablation
+    from udm_grpo.commands.ablation import VARIANTS, run_ablation
 
     cfg = make_config(tmp_path)
     overrides = [f"data.train={cfg.data.train}", f"data.test={cfg.data.test}", "experiment.eval_every=2",

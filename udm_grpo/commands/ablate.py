@@ -23,9 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ..errors import UserError
-    from ..grpo.ablation import VARIANTS, run_ablation
     from ..outputs import check_output
     from ..recipes import resolve_config_path
+    from .ablation import VARIANTS, run_ablation
 
     unknown = [v for v in args.variants or [] if v not in VARIANTS]
     if unknown:

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from ..errors import UserError
-from ..outputs import atomic_file, write_text_atomic
+from ..outputs import save_figure, write_text_atomic
 from ..textfiles import iter_jsonl
 
 
@@ -114,7 +114,6 @@ def plot_curves(run_dir: Path, out: Path | None = None) -> Path:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
     fig.tight_layout()
     out = Path(out or run_dir / "curves.png")
-    with atomic_file(out) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
+    save_figure(fig, out)
     plt.close(fig)
     return out

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 from ..config import load_config
-from ..outputs import atomic_file, write_text_atomic
-from .logger import read_jsonl
-from .run_folder import check_run_dir
+from ..grpo.logger import read_jsonl
+from ..grpo.run_folder import check_run_dir
+from ..outputs import save_figure, write_text_atomic
 
 VARIANTS: dict[str, dict] = {
     "naive": {"sampling.clean_response": False, "sampling.forward_process": False},
@@ -35,7 +35,7 @@ def run_ablation(config_path, overrides: list[str], output: Path, steps: int, cf
 
     `make_trainer(config)` builds the trainer (default `UDMGRPOTrainer(config)`).
     """
-    from .trainer import UDMGRPOTrainer
+    from ..grpo.trainer import UDMGRPOTrainer
 
     output = Path(output)
     rows = []
@@ -101,6 +101,5 @@ def write_report(rows: list[dict], output: Path, steps: int) -> None:
         ax.set_xlabel("step")
         ax.legend()
     fig.tight_layout()
-    with atomic_file(output / "ablation.png") as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
+    save_figure(fig, output / "ablation.png")
     plt.close(fig)

@@ -4,4 +4,5 @@ engines, checkpoints, logs and run control.
 The modules are imported by name; this file imports nothing."""
 
 __all__ = ["advantages", "batching", "checkpoint", "control", "engine", "evaluation", "logger", "memory",
-           "objective", "policy", "preflight", "rollout", "run_folder", "states", "trainer"]
+           "objective", "policy", "preflight", "rollout", "run_folder", "simulate", "states",
+           "trainer"]

@@ -1,0 +1,41 @@
+"""The policy's phases at the URSA-1.7B shape on fake tensors (no memory, no GPU): FLOPs and the peak of live
+bytes by category per phase, for one process (`udm_grpo.grpo.simulate`). A first step of issue 24: the CTMC
+sampler's jump, the frozen reference and the engines' sharding are not simulated yet.
+
+    python benchmarks/simulate_shape.py [--micro-batch 4] [--rollout-batch 8] [--codebook 131072] [--fp32]
+"""
+
+import argparse
+import time
+
+from gpu_check import URSA_1_7B
+
+from udm_grpo.grpo.simulate import simulate_phases
+from udm_grpo.models.transformer import URSAConfig
+
+GIB = 2**30
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--rollout-batch", type=int, default=8)
+    ap.add_argument("--codebook", type=int, default=URSA_1_7B["lm_head_size"], help="K (not confirmed: 131,072)")
+    ap.add_argument("--checkpointing", type=int, default=1, help="gradient checkpointing level 0-3")
+    ap.add_argument("--fp32", action="store_true", help="float32 compute instead of bf16 autocast")
+    args = ap.parse_args()
+    k = args.codebook
+    config = URSAConfig.from_dict({**URSA_1_7B, "lm_head_size": k, "vocab_size": URSA_1_7B["lm_vocab_size"] + k})
+    start = time.perf_counter()
+    phases = simulate_phases(config, args.micro_batch, args.rollout_batch, 320, (32, 32), bf16=not args.fp32,
+                             gradient_checkpointing=args.checkpointing)
+    print(f"URSA-1.7B shape, K = {k:,}, 320 text + 1,024 image tokens, micro-batch {args.micro_batch}, rollout "
+          f"batch {args.rollout_batch}, {'fp32' if args.fp32 else 'bf16 autocast'}, checkpointing level "
+          f"{args.checkpointing}: simulated in {time.perf_counter() - start:.1f} s")
+    for name, fig in phases.items():
+        parts = ", ".join(f"{cat} {b / GIB:.2f}" for cat, b in fig.peak_bytes.items() if cat != "total")
+        print(f"  {name:16s} {fig.flops / 1e12:8.2f} TFLOP  peak {fig.peak_bytes['total'] / GIB:7.2f} GiB ({parts})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""The policy's phases at any model shape without the memory: torch's fake tensors (shapes and dtypes, no
+storage) run the real transformer code, `FlopCounterMode` counts FLOPs per op and `MemTracker` the live bytes
+by category (parameters, buffers, gradients, optimizer state, activations, temporaries).
+
+`simulate_phases(config, ...)` builds a random URSA transformer of `config`'s shape (fake unless `fake=False`,
+which runs the same code for real: the tests compare the two) and runs, one process's view:
+
+    rollout forward   one no-grad forward of `rollout_batch` images (doubled under guidance), compute dtype
+    training step     forward + backward of one micro-batch: the action log-probs of `action_log_probs` (the
+                      trainer's objective reads only these), gradient checkpointing as configured
+    optimizer step    AdamW on the float32 master weights (its moments are created here on the first step)
+
+Not simulated yet (issue 24 continues): the CTMC sampler's jump, the frozen reference, the engines' sharding
+and communication buffers, reward models, allocator fragmentation and CUDA workspaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from ..models.transformer import URSAConfig, URSATransformer
+from .objective import action_log_probs
+
+PHASES = ("rollout forward", "training step", "optimizer step")
+
+
+@dataclass
+class PhaseFigures:
+    """One phase: `flops` counted by FlopCounterMode, `peak_bytes` the peak of live bytes by MemTracker
+    category ("param", "buffer", "grad", "act", "temp", "opt", ...) and "total"."""
+
+    flops: float
+    peak_bytes: dict[str, int]
+
+
+def _peak(tracker) -> dict[str, int]:
+    snapshot = tracker.get_tracker_snapshot("peak")
+    per_device = next(iter(snapshot.values()))
+    out = {str(k).rsplit(".", 1)[-1].lower(): int(v) for k, v in per_device.items()}
+    return {k: v for k, v in out.items() if v or k == "total"}
+
+
+def simulate_phases(config: URSAConfig, micro_batch: int, rollout_batch: int, text_tokens: int,
+                    grid: tuple[int, int], bf16: bool = True, gradient_checkpointing: int = 1,
+                    guidance: bool = False, fake: bool = True, seed: int = 0) -> dict[str, PhaseFigures]:
+    """FLOPs and peak bytes of each of `PHASES` for one process (see the module docstring)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(seed)
+    figures: dict[str, PhaseFigures] = {}
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    n = grid[0] * grid[1]
+    with FakeTensorMode() if fake else contextlib.nullcontext():
+        model = URSATransformer(config)
+        model.set_gradient_checkpointing(gradient_checkpointing)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=False)
+        k = config.lm_head_size
+
+        def phase(name, fn):
+            tracker = MemTracker()
+            tracker.track_external(model, optimizer)
+            with tracker, FlopCounterMode(display=False) as counter:
+                fn()
+            figures[name] = PhaseFigures(float(counter.get_total_flops()), _peak(tracker))
+
+        def rollout():
+            rows = rollout_batch * (2 if guidance else 1)
+            model.eval()
+            with torch.no_grad(), autocast:
+                model.image_logits(torch.zeros(rows, text_tokens, dtype=torch.long),
+                                   torch.randint(0, k, (rows, n)), grid)
+            model.train()
+
+        def train():
+            with autocast:
+                logits = model.image_logits(torch.zeros(micro_batch, text_tokens, dtype=torch.long),
+                                            torch.randint(0, k, (micro_batch, n)), grid)
+                logp = action_log_probs(logits, torch.randint(0, k, (micro_batch, n)))
+            logp.mean().backward()
+
+        phase("rollout forward", rollout)
+        phase("training step", train)
+        phase("optimizer step", optimizer.step)
+    return figures

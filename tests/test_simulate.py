@@ -27,3 +27,30 @@ def test_fake_phases_match_a_real_run(bf16, level):
     # this shape in bf16); issue 24 asks for 5%.
     assert fake["training step"].peak_bytes["total"] == pytest.approx(real["training step"].peak_bytes["total"],
                                                                        rel=0.10)
+
+
+def test_check_simulate_json_reports_the_iteration(capsys):
+    from udm_grpo.cli import main
+
+    args = ["train", "--check", "--simulate", "--json", "sampling.num_prompts_per_step=2",
+            "sampling.num_images_per_prompt=4", "training.micro_batch_size=4"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"params", "trainable_params", "flops", "peak_bytes", "peak_phase", "gpu_memory_bytes", "fits"} <= set(out)
+    assert out["params"] == 3_286_528 and out["fits"] and out["gpu_memory_bytes"] == 80 * 2**30
+    assert out["flops"]["total"] == pytest.approx(sum(v for k, v in out["flops"].items() if k != "total"))
+    peaks = {name: phase["peak_bytes"]["total"] for name, phase in out["phases"].items()}
+    assert out["peak_phase"] == max(peaks, key=peaks.get) and out["peak_bytes"]["total"] == max(peaks.values())
+    # 8 images per step over micro-batches of 4: 2 micro-batches x train_steps per update; 10 sampling steps of one
+    # rollout call of 8 images
+    from udm_grpo import run_config
+
+    cfg = run_config(overrides=args[4:])
+    config = URSAConfig.from_dict(json.loads((SHIPPED_MODEL / "transformer" / "config.json").read_text()))
+    single = simulate_phases(config, 4, 8, 16, (8, 8), cfg.bf16, cfg.model.gradient_checkpointing)
+    assert out["flops"]["training step"] == pytest.approx(2 * cfg.sampling.train_steps * single["training step"].flops)
+    assert out["flops"]["rollout forward"] == pytest.approx(cfg.sampling.rollout.num_inference_steps
+                                                            * single["rollout forward"].flops)
+    assert main([*args, "--gpu-memory", "0.01"]) == 1 and not json.loads(capsys.readouterr().out)["fits"]
+    assert main([*args, "--gpu-memory", "tpu"]) == 2
+    assert "preset: h200 141" in capsys.readouterr().err

@@ -29,6 +29,13 @@ def nonnegative_int(text: str) -> int:
     return _number(int, text, 0, "an integer >= 0")
 
 
+def positive_float(text: str) -> float:
+    value = _number(float, text, None, "a positive number")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def finite_float(text: str) -> float:
     return _number(float, text, None, "a finite number")
 

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from ..recipes import TINY_WORLD_LAYER
-from .common import positive_int
+from .common import positive_float, positive_int
 
 DEFAULT_CONFIG = TINY_WORLD_LAYER
 ROOT_TEMPLATE = Path(__file__).resolve().parents[2] / "configs" / "template.yaml"  # in a source checkout
@@ -35,8 +35,55 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "plan and an estimate of memory per GPU, and exit")
     p.add_argument("--processes", type=positive_int, default=None, metavar="N",
                    help="with --check: plan for N processes (default: WORLD_SIZE of the launcher, else 1)")
+    p.add_argument("--simulate", action="store_true",
+                   help="with --check: run the policy's phases at the model's real shape on fake tensors (config files "
+                   "only, no GPU) and print FLOPs and peak bytes per phase, whether the peak fits --gpu-memory and the "
+                   "predicted seconds per iteration. Not simulated yet: the sampler's jump, the frozen reference, "
+                   "engine sharding and communication buffers, reward models, allocator fragmentation, CUDA workspaces")
+    p.add_argument("--gpu-memory", default="h100", type=_gpu_memory, metavar="GIB|PRESET",
+                   help="with --simulate: GiB per GPU, or h200, h100, a100-80, a100-40, l40s, rtx4090 (default h100)")
+    p.add_argument("--peak-tflops", type=positive_float, default=989.0,
+                   help="with --simulate: the GPU's peak TFLOP/s in the compute dtype (default 989, H100 bf16)")
+    p.add_argument("--mfu", type=positive_float, default=0.4, help="with --simulate: model FLOPs utilisation assumed "
+                   "for the predicted time (default 0.4)")
+    p.add_argument("--json", action="store_true", help="with --simulate: print one JSON object instead")
     p.add_argument("--print-template", action="store_true",
                    help="print a commented config with every key and exit (with --config or overrides: their values)")
+
+
+def _gpu_memory(text: str) -> int:
+    from ..grpo.simulate import gpu_memory_bytes
+
+    try:
+        return gpu_memory_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def simulate_text(cfg, start, args) -> tuple[str, bool]:
+    """The --simulate report (text, or one JSON object with --json) and whether the peak fits --gpu-memory."""
+    import json
+
+    from ..grpo.simulate import simulate_iteration
+
+    sim = simulate_iteration(cfg, start.folder, start.index, start.plan)
+    fits = sim["peak_bytes"]["total"] <= args.gpu_memory
+    seconds = sim["flops"]["total"] / (args.peak_tflops * 1e12 * args.mfu)
+    if args.json:
+        return json.dumps({**sim, "gpu_memory_bytes": args.gpu_memory, "fits": fits,
+                           "predicted_seconds_per_iteration": seconds}), fits
+    gib = 2**30
+    lines = ["simulation on fake tensors, one process's view (not simulated yet: the sampler's jump, the frozen "
+             "reference, engine sharding and communication buffers, reward models, allocator fragmentation, CUDA "
+             "workspaces):"]
+    for name, phase in sim["phases"].items():
+        parts = ", ".join(f"{k} {v / gib:.2f}" for k, v in phase["peak_bytes"].items() if k != "total")
+        lines.append(f"  {name:16s} {phase['flops'] / 1e12:10.2f} TFLOP per iteration, peak "
+                     f"{phase['peak_bytes']['total'] / gib:8.2f} GiB ({parts})")
+    lines.append(f"  peak {sim['peak_bytes']['total'] / gib:.2f} GiB in the {sim['peak_phase']}: "
+                 f"{'fits' if fits else 'does NOT fit'} {args.gpu_memory / gib:.0f} GiB; predicted "
+                 f"{seconds:.2f} s per iteration at {args.peak_tflops:g} TFLOP/s x {args.mfu:g} MFU (a prediction)")
+    return "\n".join(lines), fits
 
 
 def template_text(cfg=None) -> str:
@@ -76,7 +123,7 @@ def resolve_config(args):
     return load_config(run / "config.yaml", overrides), ckpt
 
 
-def check(cfg, processes: int | None = None) -> int:
+def check(cfg, processes: int | None = None, args=None) -> int:
     """Every check a training start makes (`preflight.check_start`, no weights loaded), then the world layout,
     the batch plan and the memory estimate for `processes` (default: the launcher's). 1 when the estimate fits
     no GPU."""
@@ -90,10 +137,20 @@ def check(cfg, processes: int | None = None) -> int:
         return 0
     world = processes or int(os.environ.get("WORLD_SIZE", 1))
     start = check_start(cfg, world)
+    if args is not None and args.simulate:
+        text, fits = simulate_text(cfg, start, args)
+        if args.json:
+            print(text)
+            return 0 if fits else 1
     print(world_layout(world, start.spec, {} if processes else None))
     print(start.plan.describe())
-    text, total = memory_text(cfg, start.folder, start.index, start.spec, start.plan)
-    print(text)
+    estimate, total = memory_text(cfg, start.folder, start.index, start.spec, start.plan)
+    print(estimate)
+    if args is not None and args.simulate:
+        print(text)
+        if not fits:
+            print("check failed: the simulated peak does not fit --gpu-memory.")
+            return 1
     fits = fitting_gpus(total)
     if not fits:
         largest, size = next(iter(GPUS.items()))
@@ -142,7 +199,9 @@ def run(args) -> int:
                         "launcher, e.g. accelerate launch --num_processes N).")
     cfg, ckpt = resolve_config(args)
     if args.check:
-        return check(cfg, args.processes)
+        return check(cfg, args.processes, args)
+    if args.simulate or args.json:
+        raise UserError("--simulate and --json go with --check (udm-grpo train --check --simulate).")
     from ..errors import TrainingError
     from ..grpo.logger import read_jsonl
     from ..grpo.run_folder import check_run_dir

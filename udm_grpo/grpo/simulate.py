@@ -87,3 +87,52 @@ def simulate_phases(config: URSAConfig, micro_batch: int, rollout_batch: int, te
         phase("training step", train)
         phase("optimizer step", optimizer.step)
     return figures
+
+
+GPU_PRESETS = {"h200": 141, "h100": 80, "a100-80": 80, "a100-40": 40, "l40s": 48, "rtx4090": 24}  # GiB
+
+
+def gpu_memory_bytes(value: str) -> int:
+    """`--gpu-memory`: GiB as a number, or a preset name of `GPU_PRESETS`; ValueError (one sentence) otherwise."""
+    name = value.strip().lower()
+    if name in GPU_PRESETS:
+        return GPU_PRESETS[name] * 2**30
+    try:
+        gib = float(name)
+    except ValueError:
+        gib = -1.0
+    if not gib > 0 or gib == float("inf"):
+        raise ValueError(f"expected GiB (a positive number) or a preset: "
+                         f"{', '.join(f'{k} {v}' for k, v in GPU_PRESETS.items())}; got {value!r}")
+    return int(gib * 2**30)
+
+
+def simulate_iteration(cfg, folder, index: dict, plan) -> dict:
+    """One process's first training iteration of the run config `cfg` on the model in `folder` (config files
+    only; `index` its model_index.json) under the batch `plan`, from `simulate_phases`: per phase its FLOPs per
+    iteration (the rollout forward x sampling steps x rollout calls, the training step x micro-batches x updates)
+    and peak bytes; "params", "flops" (phase -> float, "total"), "peak_bytes" (category -> int of the peak phase,
+    "total"), "peak_phase"."""
+    from ..models.io import read_config
+    from ..models.pipeline import DEFAULT_PROMPT_LENGTH, token_grid
+    from ..models.vae import vae_geometry
+
+    data, path = read_config(folder / "transformer", "transformer/")
+    config = URSAConfig.from_dict(data, str(path))
+    stride, size = vae_geometry(folder / "vae")
+    r = cfg.sampling.rollout
+    rollout_batch = r.batch_size or plan.images_per_process
+    phases = simulate_phases(config, plan.micro_batch_size, rollout_batch,
+                             int(index.get("_max_prompt_length", DEFAULT_PROMPT_LENGTH)),
+                             token_grid(r.height, r.width, stride, size), cfg.bf16, cfg.model.gradient_checkpointing,
+                             r.guidance_scale != 1.0)
+    calls = {"rollout forward": r.num_inference_steps * -(-plan.images_per_process // rollout_batch),
+             "training step": plan.grad_accum_steps * cfg.training.updates_per_rollout,
+             "optimizer step": cfg.training.updates_per_rollout}
+    flops = {name: fig.flops * calls[name] for name, fig in phases.items()}
+    peak_phase = max(phases, key=lambda name: phases[name].peak_bytes["total"])
+    with torch.device("meta"):
+        params = sum(p.numel() for p in URSATransformer(config).parameters())
+    return {"params": params, "trainable_params": params, "flops": {**flops, "total": sum(flops.values())},
+            "peak_bytes": phases[peak_phase].peak_bytes, "peak_phase": peak_phase,
+            "phases": {name: {"flops": flops[name], "peak_bytes": fig.peak_bytes} for name, fig in phases.items()}}

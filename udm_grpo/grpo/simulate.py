@@ -6,11 +6,15 @@ by category (parameters, buffers, gradients, optimizer state, activations, tempo
 which runs the same code for real: the tests compare the two) and runs, one process's view:
 
     rollout forward   one no-grad forward of `rollout_batch` images (doubled under guidance), compute dtype
+    reference forward one no-grad forward of a micro-batch by the frozen reference (with `reference`)
     training step     forward + backward of one micro-batch: the action log-probs of `action_log_probs` (the
                       trainer's objective reads only these), gradient checkpointing as configured
-    optimizer step    AdamW on the float32 master weights (its moments are created here on the first step)
+    optimizer step    AdamW on the float32 master weights
 
-Not simulated yet (issue 24 continues): the CTMC sampler's jump, the frozen reference, the engines' sharding
+in the steady state of every iteration after the first: the AdamW moments are live throughout (one step is
+taken before the phases are measured).
+
+Not simulated yet (issue 24 continues): the CTMC sampler's jump, the old-policy pass, the engines' sharding
 and communication buffers, reward models, allocator fragmentation and CUDA workspaces.
 """
 
@@ -24,7 +28,7 @@ import torch
 from ..models.transformer import URSAConfig, URSATransformer
 from .objective import action_log_probs
 
-PHASES = ("rollout forward", "training step", "optimizer step")
+PHASES = ("rollout forward", "reference forward", "training step", "optimizer step")
 
 
 @dataclass
@@ -45,48 +49,76 @@ def _peak(tracker) -> dict[str, int]:
 
 def simulate_phases(config: URSAConfig, micro_batch: int, rollout_batch: int, text_tokens: int,
                     grid: tuple[int, int], bf16: bool = True, gradient_checkpointing: int = 1,
-                    guidance: bool = False, fake: bool = True, seed: int = 0) -> dict[str, PhaseFigures]:
-    """FLOPs and peak bytes of each of `PHASES` for one process (see the module docstring)."""
+                    guidance: bool = False, reference: bool = False, accumulating: bool = True, fake: bool = True,
+                    seed: int = 0) -> dict[str, PhaseFigures]:
+    """FLOPs and peak bytes of each phase for one process (see the module docstring). `reference`: a frozen copy in
+    the compute dtype is live throughout ("reference" bytes, out of "param") and a "reference forward" phase
+    gives a micro-batch's reference log-probs; `accumulating`: gradients of earlier micro-batches are live during
+    the training step (every micro-batch of an update but the first)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(seed)
     figures: dict[str, PhaseFigures] = {}
+    compute = torch.bfloat16 if bf16 else torch.float32
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
-    n = grid[0] * grid[1]
+    n, k = grid[0] * grid[1], config.lm_head_size
     with FakeTensorMode() if fake else contextlib.nullcontext():
         model = URSATransformer(config)
         model.set_gradient_checkpointing(gradient_checkpointing)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=False)
-        k = config.lm_head_size
+        for p in model.parameters():  # one step first: from the second iteration on the AdamW moments are live
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        frozen = _frozen_copy(config, compute) if reference else None
+        frozen_bytes = sum(p.numel() * p.element_size() for p in frozen.parameters()) if frozen else 0
 
         def phase(name, fn):
             tracker = MemTracker()
-            tracker.track_external(model, optimizer)
+            tracker.track_external(*(m for m in (model, optimizer, frozen) if m is not None))
             with tracker, FlopCounterMode(display=False) as counter:
                 fn()
-            figures[name] = PhaseFigures(float(counter.get_total_flops()), _peak(tracker))
+            peak = _peak(tracker)
+            if frozen_bytes:  # tracked as parameters: named apart
+                peak["param"], peak["reference"] = peak["param"] - frozen_bytes, frozen_bytes
+            figures[name] = PhaseFigures(float(counter.get_total_flops()), peak)
 
-        def rollout():
-            rows = rollout_batch * (2 if guidance else 1)
-            model.eval()
+        def tokens(rows):
+            return torch.zeros(rows, text_tokens, dtype=torch.long), torch.randint(0, k, (rows, n))
+
+        def forward(module, rows):
+            module.eval()
             with torch.no_grad(), autocast:
-                model.image_logits(torch.zeros(rows, text_tokens, dtype=torch.long),
-                                   torch.randint(0, k, (rows, n)), grid)
-            model.train()
+                module.image_logits(*tokens(rows), grid)
+            module.train()
 
         def train():
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p) if accumulating else None
             with autocast:
-                logits = model.image_logits(torch.zeros(micro_batch, text_tokens, dtype=torch.long),
-                                            torch.randint(0, k, (micro_batch, n)), grid)
-                logp = action_log_probs(logits, torch.randint(0, k, (micro_batch, n)))
+                logp = action_log_probs(model.image_logits(*tokens(micro_batch), grid),
+                                        torch.randint(0, k, (micro_batch, n)))
             logp.mean().backward()
 
-        phase("rollout forward", rollout)
+        phase("rollout forward", lambda: forward(model, rollout_batch * (2 if guidance else 1)))
+        if frozen is not None:
+            phase("reference forward", lambda: forward(frozen, micro_batch * (2 if guidance else 1)))
         phase("training step", train)
         phase("optimizer step", optimizer.step)
     return figures
+
+
+def _frozen_copy(config: URSAConfig, dtype: torch.dtype) -> URSATransformer:
+    """A transformer of `config` built in `dtype` (`.to(dtype)` cannot swap fake parameters). Its parameters keep
+    requires_grad (MemTracker hooks them) but it only runs under no_grad."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return URSATransformer(config)
+    finally:
+        torch.set_default_dtype(previous)
 
 
 GPU_PRESETS = {"h200": 141, "h100": 80, "a100-80": 80, "a100-40": 40, "l40s": 48, "rtx4090": 24}  # GiB
@@ -125,8 +157,10 @@ def simulate_iteration(cfg, folder, index: dict, plan) -> dict:
     phases = simulate_phases(config, plan.micro_batch_size, rollout_batch,
                              int(index.get("_max_prompt_length", DEFAULT_PROMPT_LENGTH)),
                              token_grid(r.height, r.width, stride, size), cfg.bf16, cfg.model.gradient_checkpointing,
-                             r.guidance_scale != 1.0)
+                             r.guidance_scale != 1.0, reference=cfg.reward.kl_beta > 0 and cfg.model.lora is None,
+                             accumulating=plan.grad_accum_steps > 1)
     calls = {"rollout forward": r.num_inference_steps * -(-plan.images_per_process // rollout_batch),
+             "reference forward": plan.grad_accum_steps,
              "training step": plan.grad_accum_steps * cfg.training.updates_per_rollout,
              "optimizer step": cfg.training.updates_per_rollout}
     flops = {name: fig.flops * calls[name] for name, fig in phases.items()}

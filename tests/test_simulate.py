@@ -21,12 +21,8 @@ def test_fake_phases_match_a_real_run(bf16, level):
         for category in ("param", "opt"):
             assert fake[name].peak_bytes.get(category) == real[name].peak_bytes.get(category), (name, category)
     assert fake["training step"].flops > 0 and fake["optimizer step"].peak_bytes["opt"] >= 2 * 4 * 3_000_000
-    for name in ("rollout forward", "optimizer step"):
-        assert fake[name].peak_bytes["total"] == pytest.approx(real[name].peak_bytes["total"], rel=0.01), name
-    # The training step's peak falls at another moment of the backward on fake tensors (measured 5% lower at
-    # this shape in bf16); issue 24 asks for 5%.
-    assert fake["training step"].peak_bytes["total"] == pytest.approx(real["training step"].peak_bytes["total"],
-                                                                       rel=0.10)
+    for name in fake:  # issue 24's bar: within 5% (measured: equal, and 0.5% for the training step)
+        assert fake[name].peak_bytes["total"] == pytest.approx(real[name].peak_bytes["total"], rel=0.05), name
 
 
 def test_check_simulate_json_reports_the_iteration(capsys):

@@ -46,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --simulate: the GPU's peak TFLOP/s in the compute dtype (default 989, H100 bf16)")
     p.add_argument("--mfu", type=positive_float, default=0.4, help="with --simulate: model FLOPs utilisation assumed "
                    "for the predicted time (default 0.4)")
+    p.add_argument("--codebook", type=positive_int, default=None, metavar="K",
+                   help="with --simulate: the codebook size K instead of the model's (K of URSA-1.7B is not confirmed)")
     p.add_argument("--json", action="store_true", help="with --simulate: print one JSON object instead")
     p.add_argument("--print-template", action="store_true",
                    help="print a commented config with every key and exit (with --config or overrides: their values)")
@@ -66,16 +68,16 @@ def simulate_text(cfg, start, args) -> tuple[str, bool]:
 
     from ..grpo.simulate import simulate_iteration
 
-    sim = simulate_iteration(cfg, start.folder, start.index, start.plan)
+    sim = simulate_iteration(cfg, start.folder, start.index, start.plan, args.codebook)
     fits = sim["peak_bytes"]["total"] <= args.gpu_memory
     seconds = sim["flops"]["total"] / (args.peak_tflops * 1e12 * args.mfu)
     if args.json:
         return json.dumps({**sim, "gpu_memory_bytes": args.gpu_memory, "fits": fits,
                            "predicted_seconds_per_iteration": seconds}), fits
     gib = 2**30
-    lines = ["simulation on fake tensors, one process's view in the steady state (not simulated yet: the sampler's "
-             "jump, the old-policy pass, engine sharding and communication buffers, reward models, allocator "
-             "fragmentation, CUDA workspaces):"]
+    lines = [f"simulation on fake tensors (K = {sim['codebook']:,}), one process's view in the steady state (not "
+             "simulated yet: the sampler's jump, the old-policy pass, engine sharding and communication buffers, "
+             "reward models, allocator fragmentation, CUDA workspaces):"]
     for name, phase in sim["phases"].items():
         parts = ", ".join(f"{k} {v / gib:.2f}" for k, v in phase["peak_bytes"].items() if k != "total")
         lines.append(f"  {name:16s} {phase['flops'] / 1e12:10.2f} TFLOP per iteration, peak "
@@ -198,10 +200,11 @@ def run(args) -> int:
         raise UserError("--processes only plans a --check (a real run takes the number of processes from its "
                         "launcher, e.g. accelerate launch --num_processes N).")
     cfg, ckpt = resolve_config(args)
+    if args.simulate and not args.check or (args.codebook or args.json) and not args.simulate:
+        raise UserError("--simulate goes with --check, and --codebook and --json with --simulate "
+                        "(udm-grpo train --check --simulate [--codebook K] [--json]).")
     if args.check:
         return check(cfg, args.processes, args)
-    if args.simulate or args.json:
-        raise UserError("--simulate and --json go with --check (udm-grpo train --check --simulate).")
     from ..errors import TrainingError
     from ..grpo.logger import read_jsonl
     from ..grpo.run_folder import check_run_dir

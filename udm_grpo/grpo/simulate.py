@@ -139,17 +139,19 @@ def gpu_memory_bytes(value: str) -> int:
     return int(gib * 2**30)
 
 
-def simulate_iteration(cfg, folder, index: dict, plan) -> dict:
+def simulate_iteration(cfg, folder, index: dict, plan, codebook: int | None = None) -> dict:
     """One process's first training iteration of the run config `cfg` on the model in `folder` (config files
     only; `index` its model_index.json) under the batch `plan`, from `simulate_phases`: per phase its FLOPs per
     iteration (the rollout forward x sampling steps x rollout calls, the training step x micro-batches x updates)
     and peak bytes; "params", "flops" (phase -> float, "total"), "peak_bytes" (category -> int of the peak phase,
-    "total"), "peak_phase"."""
+    "total"), "peak_phase". `codebook` replaces the model's codebook size K (lm_head_size; vocab_size follows)."""
     from ..models.io import read_config
     from ..models.pipeline import DEFAULT_PROMPT_LENGTH, token_grid
     from ..models.vae import vae_geometry
 
     data, path = read_config(folder / "transformer", "transformer/")
+    if codebook:
+        data = {**data, "lm_head_size": codebook, "vocab_size": data["lm_vocab_size"] + codebook}
     config = URSAConfig.from_dict(data, str(path))
     stride, size = vae_geometry(folder / "vae")
     r = cfg.sampling.rollout
@@ -167,6 +169,7 @@ def simulate_iteration(cfg, folder, index: dict, plan) -> dict:
     peak_phase = max(phases, key=lambda name: phases[name].peak_bytes["total"])
     with torch.device("meta"):
         params = sum(p.numel() for p in URSATransformer(config).parameters())
-    return {"params": params, "trainable_params": params, "flops": {**flops, "total": sum(flops.values())},
-            "peak_bytes": phases[peak_phase].peak_bytes, "peak_phase": peak_phase,
+    return {"params": params, "trainable_params": params, "codebook": config.lm_head_size,
+            "flops": {**flops, "total": sum(flops.values())}, "peak_bytes": phases[peak_phase].peak_bytes,
+            "peak_phase": peak_phase,
             "phases": {name: {"flops": flops[name], "peak_bytes": fig.peak_bytes} for name, fig in phases.items()}}

@@ -15,7 +15,7 @@ def test_fake_phases_match_a_real_run(bf16, level):
     config = URSAConfig.from_dict(json.loads((SHIPPED_MODEL / "transformer" / "config.json").read_text()))
     args = dict(micro_batch=4, rollout_batch=8, text_tokens=16, grid=(8, 8), bf16=bf16, gradient_checkpointing=level)
     fake, real = simulate_phases(config, fake=True, **args), simulate_phases(config, fake=False, **args)
-    assert list(fake) == list(real) == [p for p in PHASES if p != "reference forward"]
+    assert list(fake) == list(real) == [p for p in PHASES if p not in ("reference forward", "old-policy forward")]
     for name in fake:
         assert fake[name].flops == real[name].flops, name
         for category in ("param", "opt"):
@@ -85,3 +85,19 @@ def test_codebook_override_moves_the_logit_tables(capsys):
     assert large["flops"]["total"] > small["flops"]["total"]
     assert main(["train", "--check", "--codebook", "1024"]) == 2
     assert "--codebook and --json with --simulate" in capsys.readouterr().err
+
+
+def test_reused_rollouts_add_the_old_policy_pass(capsys):
+    """training.updates_per_rollout > 1 stores old log-probs: one more no-grad forward per micro-batch (as many rows
+    as the reference forward, so the same FLOPs), and the training steps count once per update."""
+    from udm_grpo.cli import main
+
+    base = ["train", "--check", "--simulate", "--json", "sampling.num_prompts_per_step=2",
+            "sampling.num_images_per_prompt=4", "training.micro_batch_size=4", "reward.kl_beta=0.05"]
+    assert main(base) == 0
+    once = json.loads(capsys.readouterr().out)
+    assert main([*base, "training.updates_per_rollout=2"]) == 0
+    twice = json.loads(capsys.readouterr().out)
+    assert "old-policy forward" not in once["flops"]
+    assert twice["flops"]["old-policy forward"] == pytest.approx(twice["flops"]["reference forward"])
+    assert twice["flops"]["training step"] == pytest.approx(2 * once["flops"]["training step"])

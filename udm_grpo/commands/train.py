@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--simulate", action="store_true",
                    help="with --check: run the policy's phases at the model's real shape on fake tensors (config files "
                    "only, no GPU) and print FLOPs and peak bytes per phase, whether the peak fits --gpu-memory and the "
-                   "predicted seconds per iteration. Not simulated yet: the sampler's jump, the old-policy pass, "
+                   "predicted seconds per iteration. Not simulated yet: the sampler's jump, "
                    "engine sharding and communication buffers, reward models, allocator fragmentation, CUDA workspaces")
     p.add_argument("--gpu-memory", default="h100", type=_gpu_memory, metavar="GIB|PRESET",
                    help="with --simulate: GiB per GPU, or h200, h100, a100-80, a100-40, l40s, rtx4090 (default h100)")
@@ -76,7 +76,7 @@ def simulate_text(cfg, start, args) -> tuple[str, bool]:
                            "predicted_seconds_per_iteration": seconds}), fits
     gib = 2**30
     lines = [f"simulation on fake tensors (K = {sim['codebook']:,}), one process's view in the steady state (not "
-             "simulated yet: the sampler's jump, the old-policy pass, engine sharding and communication buffers, "
+             "simulated yet: the sampler's jump, engine sharding and communication buffers, "
              "reward models, allocator fragmentation, CUDA workspaces):"]
     for name, phase in sim["phases"].items():
         parts = ", ".join(f"{k} {v / gib:.2f}" for k, v in phase["peak_bytes"].items() if k != "total")

@@ -7,6 +7,8 @@ which runs the same code for real: the tests compare the two) and runs, one proc
 
     rollout forward   one no-grad forward of `rollout_batch` images (doubled under guidance), compute dtype
     reference forward one no-grad forward of a micro-batch by the frozen reference (with `reference`)
+    old-policy forward one no-grad forward of a micro-batch by the policy for the stored old log-probs (with
+                      `old_policy`: rollouts reused for several updates)
     training step     forward + backward of one micro-batch: the action log-probs of `action_log_probs` (the
                       trainer's objective reads only these), gradient checkpointing as configured
     optimizer step    AdamW on the float32 master weights
@@ -14,7 +16,7 @@ which runs the same code for real: the tests compare the two) and runs, one proc
 in the steady state of every iteration after the first: the AdamW moments are live throughout (one step is
 taken before the phases are measured).
 
-Not simulated yet (issue 24 continues): the CTMC sampler's jump, the old-policy pass, the engines' sharding
+Not simulated yet (issue 24 continues): the CTMC sampler's jump, the engines' sharding
 and communication buffers, reward models, allocator fragmentation and CUDA workspaces.
 """
 
@@ -28,7 +30,7 @@ import torch
 from ..models.transformer import URSAConfig, URSATransformer
 from .objective import action_log_probs
 
-PHASES = ("rollout forward", "reference forward", "training step", "optimizer step")
+PHASES = ("rollout forward", "reference forward", "old-policy forward", "training step", "optimizer step")
 
 
 @dataclass
@@ -49,8 +51,8 @@ def _peak(tracker) -> dict[str, int]:
 
 def simulate_phases(config: URSAConfig, micro_batch: int, rollout_batch: int, text_tokens: int,
                     grid: tuple[int, int], bf16: bool = True, gradient_checkpointing: int = 1,
-                    guidance: bool = False, reference: bool = False, accumulating: bool = True, fake: bool = True,
-                    seed: int = 0) -> dict[str, PhaseFigures]:
+                    guidance: bool = False, reference: bool = False, old_policy: bool = False,
+                    accumulating: bool = True, fake: bool = True, seed: int = 0) -> dict[str, PhaseFigures]:
     """FLOPs and peak bytes of each phase for one process (see the module docstring). `reference`: a frozen copy in
     the compute dtype is live throughout ("reference" bytes, out of "param") and a "reference forward" phase
     gives a micro-batch's reference log-probs; `accumulating`: gradients of earlier micro-batches are live during
@@ -105,6 +107,8 @@ def simulate_phases(config: URSAConfig, micro_batch: int, rollout_batch: int, te
         phase("rollout forward", lambda: forward(model, rollout_batch * (2 if guidance else 1)))
         if frozen is not None:
             phase("reference forward", lambda: forward(frozen, micro_batch * (2 if guidance else 1)))
+        if old_policy:
+            phase("old-policy forward", lambda: forward(model, micro_batch * (2 if guidance else 1)))
         phase("training step", train)
         phase("optimizer step", optimizer.step)
     return figures
@@ -160,9 +164,9 @@ def simulate_iteration(cfg, folder, index: dict, plan, codebook: int | None = No
                              int(index.get("_max_prompt_length", DEFAULT_PROMPT_LENGTH)),
                              token_grid(r.height, r.width, stride, size), cfg.bf16, cfg.model.gradient_checkpointing,
                              r.guidance_scale != 1.0, reference=cfg.reward.kl_beta > 0 and cfg.model.lora is None,
-                             accumulating=plan.grad_accum_steps > 1)
+                             old_policy=cfg.training.updates_per_rollout > 1, accumulating=plan.grad_accum_steps > 1)
     calls = {"rollout forward": r.num_inference_steps * -(-plan.images_per_process // rollout_batch),
-             "reference forward": plan.grad_accum_steps,
+             "reference forward": plan.grad_accum_steps, "old-policy forward": plan.grad_accum_steps,
              "training step": plan.grad_accum_steps * cfg.training.updates_per_rollout,
              "optimizer step": cfg.training.updates_per_rollout}
     flops = {name: fig.flops * calls[name] for name, fig in phases.items()}

@@ -210,8 +210,7 @@ class FolderLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                raise UserError(f"run folder {self.folder} is in use by process {owner(self.folder) or '?'}; "
-                                "wait for it to finish or stop it first.") from None
+                raise _in_use(self.folder) from None
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.file).st_ino
             except FileNotFoundError:
@@ -251,6 +250,11 @@ def owner(folder: Path) -> int | None:
         return None
 
 
+def _in_use(folder: Path) -> UserError:
+    return UserError(f"run folder {folder} is in use by process {owner(folder) or '?'}; wait for it to finish or "
+                     "stop it first.")
+
+
 def check_not_in_use(folder: str | Path) -> None:
     """UserError when another process holds `folder`'s lock (read-only: nothing is created)."""
     folder = Path(folder)
@@ -263,7 +267,6 @@ def check_not_in_use(folder: str | Path) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise UserError(f"run folder {folder} is in use by process {owner(folder) or '?'}; wait for it to finish "
-                        "or stop it first.") from None
+        raise _in_use(folder) from None
     finally:
         os.close(fd)

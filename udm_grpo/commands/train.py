@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "predicted seconds per iteration. Not simulated yet: the sampler's jump, "
                    "engine sharding and communication buffers, reward models, allocator fragmentation, CUDA workspaces")
     p.add_argument("--gpu-memory", default="h100", type=_gpu_memory, metavar="GIB|PRESET",
-                   help="with --simulate: GiB per GPU, or h200, h100, a100-80, a100-40, l40s, rtx4090 (default h100)")
+                   help="with --simulate: GiB per GPU, or h200, h100, a100-80, l40s, a100-40, rtx4090 (default h100)")
     p.add_argument("--peak-tflops", type=positive_float, default=989.0,
                    help="with --simulate: the GPU's peak TFLOP/s in the compute dtype (default 989, H100 bf16)")
     p.add_argument("--mfu", type=positive_float, default=0.4, help="with --simulate: model FLOPs utilisation assumed "
@@ -132,7 +132,7 @@ def check(cfg, processes: int | None = None, args=None) -> int:
     import os
 
     from ..grpo.engine import world_layout
-    from ..grpo.memory import GPUS, fitting_gpus
+    from ..grpo.memory import GPU_PRESETS, fitting_gpus
     from ..grpo.preflight import check_start
 
     if int(os.environ.get("RANK", 0)) != 0:  # under a launcher: the main process reports for all
@@ -155,7 +155,7 @@ def check(cfg, processes: int | None = None, args=None) -> int:
             return 1
     fits = fitting_gpus(total)
     if not fits:
-        largest, size = next(iter(GPUS.items()))
+        largest, size = next(iter(GPU_PRESETS.items()))
         print(f"check failed: the config, reward, model folder and prompt files are usable, but {total:,.1f} GiB per "
               f"GPU fits no GPU (the largest, {largest}, has {size} GiB); use more processes with ZeRO-3 or FSDP, "
               "gradient checkpointing, smaller micro-batches or LoRA.")

@@ -99,12 +99,12 @@ def estimate(s: Shape, engine: str, zero_stage: int, world: int, bf16: bool, ref
     return gib
 
 
-GPUS = {"H200": 141, "H100 / A100-80GB": 80, "L40S": 48, "A100-40GB": 40, "RTX 4090": 24}  # GiB, largest first
+GPU_PRESETS = {"h200": 141, "h100": 80, "a100-80": 80, "l40s": 48, "a100-40": 40, "rtx4090": 24}  # GiB, largest first
 
 
 def fitting_gpus(total_gib: float) -> list[str]:
-    """The GPUs of `GPUS` whose memory holds `total_gib` (none when it exceeds the largest)."""
-    return [name for name, gib in GPUS.items() if total_gib <= gib]
+    """The GPUs of `GPU_PRESETS` whose memory holds `total_gib` (none when it exceeds the largest)."""
+    return [name for name, gib in GPU_PRESETS.items() if total_gib <= gib]
 
 
 def describe(gib: dict[str, float], shape: Shape) -> str:

@@ -55,12 +55,12 @@ def check_start(cfg: Config, world: int, pipeline=None, reward_given: bool = Fal
     if pipeline is None:
         folder = model_folder(cfg.model.path)
         index = URSAPipeline.check_folder(folder)
-        stride, size = vae_geometry(folder / "vae")
-    else:
-        stride, size = pipeline.vae.spatial_stride, getattr(getattr(pipeline.vae, "config", None), "sample_size", None)
     r = cfg.sampling.rollout
     try:
-        token_grid(r.height, r.width, stride, size)
+        if pipeline is None:
+            token_grid(r.height, r.width, *vae_geometry(folder / "vae"))
+        else:
+            pipeline.grid(r.height, r.width)
     except UserError as e:
         raise ConfigError(f"config keys 'sampling.rollout.height' / 'sampling.rollout.width': {e}") from None
     sources = (cfg.data.train or "shapes:train", cfg.data.test or "shapes:test")

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..models.transformer import URSAConfig, URSATransformer
+from .memory import GPU_PRESETS
 from .objective import action_log_probs
 
 PHASES = ("rollout forward", "reference forward", "old-policy forward", "training step", "optimizer step")
@@ -123,9 +124,6 @@ def _frozen_copy(config: URSAConfig, dtype: torch.dtype) -> URSATransformer:
         return URSATransformer(config)
     finally:
         torch.set_default_dtype(previous)
-
-
-GPU_PRESETS = {"h200": 141, "h100": 80, "a100-80": 80, "a100-40": 40, "l40s": 48, "rtx4090": 24}  # GiB
 
 
 def gpu_memory_bytes(value: str) -> int:

@@ -9,13 +9,21 @@ from udm_grpo.grpo.simulate import PHASES, simulate_phases
 from udm_grpo.models.transformer import URSAConfig
 from udm_grpo.tinyworld import SHIPPED_MODEL
 
+VAE = json.loads((SHIPPED_MODEL / "vae" / "config.json").read_text())
+MID = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12, num_key_value_heads=4,
+           head_dim=64, lm_vocab_size=1000, lm_head_size=4096, vocab_size=5096, bov_token_id=999)
 
-@pytest.mark.parametrize("bf16, level", [(True, 1), (False, 0)])
-def test_fake_phases_match_a_real_run(bf16, level):
-    config = URSAConfig.from_dict(json.loads((SHIPPED_MODEL / "transformer" / "config.json").read_text()))
-    args = dict(micro_batch=4, rollout_batch=8, text_tokens=16, grid=(8, 8), bf16=bf16, gradient_checkpointing=level)
+
+@pytest.mark.parametrize("bf16, level, shape", [(True, 1, "tiny"), (False, 0, "tiny"), (True, 1, "mid")])
+def test_fake_phases_match_a_real_run(bf16, level, shape):
+    """The tiny world, and a mid shape (57M parameters, K = 4,096) run for real here."""
+    tiny = json.loads((SHIPPED_MODEL / "transformer" / "config.json").read_text())
+    config = URSAConfig.from_dict(tiny if shape == "tiny" else {**tiny, **MID})
+    args = dict(micro_batch=4, rollout_batch=8, text_tokens=16, grid=(8, 8), bf16=bf16, gradient_checkpointing=level,
+                vae=VAE if shape == "tiny" else {**VAE, "num_vq_embeddings": 4096}, old_policy=shape == "mid")
     fake, real = simulate_phases(config, fake=True, **args), simulate_phases(config, fake=False, **args)
-    assert list(fake) == list(real) == [p for p in PHASES if p not in ("reference forward", "old-policy forward")]
+    assert list(fake) == list(real) == [p for p in PHASES if p != "reference forward"
+                                        and (shape == "mid" or p != "old-policy forward")]
     for name in fake:
         assert fake[name].flops == real[name].flops, name
         for category in ("param", "opt"):
@@ -43,10 +51,11 @@ def test_check_simulate_json_reports_the_iteration(capsys):
 
     cfg = run_config(overrides=args[4:])
     config = URSAConfig.from_dict(json.loads((SHIPPED_MODEL / "transformer" / "config.json").read_text()))
-    single = simulate_phases(config, 4, 8, 16, (8, 8), cfg.bf16, cfg.model.gradient_checkpointing)
+    single = simulate_phases(config, 4, 8, 16, (8, 8), cfg.bf16, cfg.model.gradient_checkpointing, vae=VAE)
     assert out["flops"]["training step"] == pytest.approx(2 * cfg.sampling.train_steps * single["training step"].flops)
-    assert out["flops"]["rollout forward"] == pytest.approx(cfg.sampling.rollout.num_inference_steps
-                                                            * single["rollout forward"].flops)
+    assert out["flops"]["rollout step"] == pytest.approx(cfg.sampling.rollout.num_inference_steps
+                                                         * single["rollout step"].flops)
+    assert out["flops"]["rollout decode"] == single["rollout decode"].flops  # one rollout call
     assert main([*args, "--gpu-memory", "0.01"]) == 1 and not json.loads(capsys.readouterr().out)["fits"]
     assert main([*args, "--gpu-memory", "tpu"]) == 2
     assert "preset: h200 141" in capsys.readouterr().err
@@ -57,12 +66,12 @@ def test_reference_and_accumulated_gradients_are_counted():
     no-grad forward of as many rows costs; an accumulating micro-batch starts with a full float32 gradient."""
     config = URSAConfig.from_dict(json.loads((SHIPPED_MODEL / "transformer" / "config.json").read_text()))
     params = 3_286_528
-    sim = simulate_phases(config, 4, 4, 16, (8, 8), reference=True)
-    real = simulate_phases(config, 4, 4, 16, (8, 8), reference=True, fake=False)
+    sim = simulate_phases(config, 4, 4, 16, (8, 8), reference=True, old_policy=True)
+    real = simulate_phases(config, 4, 4, 16, (8, 8), reference=True, old_policy=True, fake=False)
     for name, phase in sim.items():
         assert phase.peak_bytes["reference"] == 2 * params and phase.peak_bytes["param"] == 4 * params, name
         assert phase.flops == real[name].flops and phase.peak_bytes["reference"] == real[name].peak_bytes["reference"]
-    assert sim["reference forward"].flops == sim["rollout forward"].flops  # 4 rows each
+    assert sim["reference forward"].flops == sim["old-policy forward"].flops  # 4 rows each
     assert real["training step"].peak_bytes["grad"] >= 4 * params  # a full float32 gradient is live
     assert sim["training step"].peak_bytes["grad"] >= 0.95 * 4 * params  # (fake: one small gradient is replaced)
     first = simulate_phases(config, 4, 4, 16, (8, 8), accumulating=False, fake=False)
@@ -101,3 +110,53 @@ def test_reused_rollouts_add_the_old_policy_pass(capsys):
     assert "old-policy forward" not in once["flops"]
     assert twice["flops"]["old-policy forward"] == pytest.approx(twice["flops"]["reference forward"])
     assert twice["flops"]["training step"] == pytest.approx(2 * once["flops"]["training step"])
+
+
+def _simulate(capsys, *overrides, processes=1):
+    from udm_grpo.cli import main
+
+    assert main(["train", "--check", "--simulate", "--json", "--processes", str(processes),
+                 "sampling.num_prompts_per_step=2", "sampling.num_images_per_prompt=4",
+                 "training.micro_batch_size=4", *overrides]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_engines_store_what_they_shard(capsys):
+    """The engine's stored bytes per phase (`memory.engine_state`) beside the measured transient bytes: DDP keeps
+    its gradient buckets between updates only with several processes; FSDP2 shards masters, gradients and moments
+    over the processes and gathers the root unit and two blocks in the compute dtype. (The tiny world computes in
+    float32.)"""
+    p = 3_286_528
+    one, two = _simulate(capsys), _simulate(capsys, processes=2)
+    assert "gradients" not in one["phases"]["rollout step"]["peak_bytes"]
+    assert one["phases"]["training step"]["peak_bytes"]["gradients"] == 4 * p
+    assert two["phases"]["rollout step"]["peak_bytes"]["gradients"] == 4 * p
+    assert one["phases"]["rollout step"]["peak_bytes"]["optimizer"] == 8 * p
+    fsdp = _simulate(capsys, "training.engine=fsdp", "training.micro_batch_size=2", processes=4)
+    step = fsdp["phases"]["training step"]["peak_bytes"]
+    assert fsdp["engine"] == "fsdp" and step["optimizer"] == 8 * p // 4 and step["masters"] == 4 * p // 4
+    assert "weights" not in step and step["gathered"] > 0  # the float32 shards are the only stored weights
+    assert fsdp["peak_bytes"]["total"] < one["peak_bytes"]["total"]
+    config = json.loads((SHIPPED_MODEL / "transformer" / "config.json").read_text())
+    root = (config["vocab_size"] + config["lm_head_size"]) * config["hidden_size"] + config["hidden_size"]
+    block = (p - root) // config["num_hidden_layers"]
+    bf16 = _simulate(capsys, "training.engine=fsdp", "training.micro_batch_size=2", "model.dtype=bfloat16",
+                     processes=4)["phases"]["training step"]["peak_bytes"]
+    for c, figures in ((4, step), (2, bf16)):  # gathered in c; the root's gradient in c and in float32 for reduction
+        assert figures["gathered"] == c * (root + 2 * block) + (c + 4) * root and figures["masters"] == p
+
+
+def test_lora_trains_adapters_over_a_frozen_base(capsys):
+    """LoRA on q_proj and v_proj, rank r: r (d + H hd) + r (d + KV hd) adapter parameters per layer (peft's layout),
+    float32 masters, gradients and moments for those only, the base in the compute dtype as the forwards' weights."""
+    config = json.loads((SHIPPED_MODEL / "transformer" / "config.json").read_text())
+    d, h, kv, hd, layers = (config[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads",
+                                                 "head_dim", "num_hidden_layers"))
+    r = 4
+    sim = _simulate(capsys, f"model.lora={{r: {r}, lora_alpha: 8, target_modules: [q_proj, v_proj]}}")
+    t = layers * (r * (d + h * hd) + r * (d + kv * hd))
+    assert sim["trainable_params"] == t and sim["params"] == 3_286_528
+    step = sim["phases"]["training step"]["peak_bytes"]
+    assert step["optimizer"] == 8 * t and step["masters"] == 4 * t and step["gradients"] == 4 * t
+    assert step["weights"] == 4 * sim["params"] and "reference" not in step  # the base with adapters disabled
+    assert "reference forward" in sim["phases"]

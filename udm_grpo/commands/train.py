@@ -38,8 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--simulate", action="store_true",
                    help="with --check: run the policy's phases at the model's real shape on fake tensors (config files "
                    "only, no GPU) and print FLOPs and peak bytes per phase, whether the peak fits --gpu-memory and the "
-                   "predicted seconds per iteration. Not simulated yet: the sampler's jump, "
-                   "engine sharding and communication buffers, reward models, allocator fragmentation, CUDA workspaces")
+                   "predicted seconds per iteration, for the configured engine and --processes. " + NOT_SIMULATED)
     p.add_argument("--gpu-memory", default="h100", type=_gpu_memory, metavar="GIB|PRESET",
                    help="with --simulate: GiB per GPU, or h200, h100, a100-80, l40s, a100-40, rtx4090 (default h100)")
     p.add_argument("--peak-tflops", type=positive_float, default=989.0,
@@ -51,6 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="with --simulate: print one JSON object instead")
     p.add_argument("--print-template", action="store_true",
                    help="print a commented config with every key and exit (with --config or overrides: their values)")
+
+
+NOT_SIMULATED = ("Not simulated: reward models, communication buffers beyond the engines' buckets, allocator "
+                 "fragmentation, CUDA workspaces")
 
 
 def _gpu_memory(text: str) -> int:
@@ -68,19 +71,19 @@ def simulate_text(cfg, start, args) -> tuple[str, bool]:
 
     from ..grpo.simulate import simulate_iteration
 
-    sim = simulate_iteration(cfg, start.folder, start.index, start.plan, args.codebook)
+    sim = simulate_iteration(cfg, start.folder, start.index, start.plan, start.spec, args.codebook)
     fits = sim["peak_bytes"]["total"] <= args.gpu_memory
     seconds = sim["flops"]["total"] / (args.peak_tflops * 1e12 * args.mfu)
     if args.json:
         return json.dumps({**sim, "gpu_memory_bytes": args.gpu_memory, "fits": fits,
                            "predicted_seconds_per_iteration": seconds}), fits
     gib = 2**30
-    lines = [f"simulation on fake tensors (K = {sim['codebook']:,}), one process's view in the steady state (not "
-             "simulated yet: the sampler's jump, engine sharding and communication buffers, "
-             "reward models, allocator fragmentation, CUDA workspaces):"]
+    lines = [f"simulation on fake tensors ({sim['params'] / 1e6:,.1f}M parameters, "
+             f"{sim['trainable_params'] / 1e6:,.1f}M trained, K = {sim['codebook']:,}, {sim['engine']} over "
+             f"{sim['processes']} process(es)), one process's view in the steady state, GiB. {NOT_SIMULATED}:"]
     for name, phase in sim["phases"].items():
         parts = ", ".join(f"{k} {v / gib:.2f}" for k, v in phase["peak_bytes"].items() if k != "total")
-        lines.append(f"  {name:16s} {phase['flops'] / 1e12:10.2f} TFLOP per iteration, peak "
+        lines.append(f"  {name:18s} {phase['flops'] / 1e12:10.2f} TFLOP per iteration, peak "
                      f"{phase['peak_bytes']['total'] / gib:8.2f} GiB ({parts})")
     lines.append(f"  peak {sim['peak_bytes']['total'] / gib:.2f} GiB in the {sim['peak_phase']}: "
                  f"{'fits' if fits else 'does NOT fit'} {args.gpu_memory / gib:.0f} GiB; predicted "

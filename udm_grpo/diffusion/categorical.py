@@ -28,7 +28,7 @@ def draw_device(generator: torch.Generator | None, default: torch.device | str) 
     return generator.device if generator is not None else torch.device(default)
 
 
-def _blocks(num_classes: int, chunk: int):
+def class_blocks(num_classes: int, chunk: int):
     for k0 in range(0, num_classes, chunk):
         yield k0, min(k0 + chunk, num_classes)
 
@@ -47,17 +47,10 @@ def chunked_categorical(
     Pass 2 picks the block where u * Z falls, then re-scores only that block for those rows, so the
     second pass costs about one block per row. Rows whose scores are all -inf get class 0.
     """
-    blocks = list(_blocks(num_classes, chunk))
+    blocks = list(class_blocks(num_classes, chunk))
     if len(blocks) == 1:
         return _one_block(score_fn(0, num_classes, None).float(), generator, device)
-    maxes = torch.empty(rows, len(blocks), device=device)
-    sums = torch.empty(rows, len(blocks), dtype=torch.float64, device=device)
-    for c, (k0, k1) in enumerate(blocks):
-        s = score_fn(k0, k1, None).float()
-        m = s.max(dim=1).values
-        safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        maxes[:, c] = m
-        sums[:, c] = torch.exp(s - safe[:, None]).sum(dim=1, dtype=torch.float64)
+    maxes, sums = block_masses(score_fn, rows, blocks, device)
     top = maxes.max(dim=1).values
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     mass = sums * torch.exp((maxes - top[:, None]).double())  # exp(-inf) = 0 for empty blocks
@@ -81,6 +74,20 @@ def chunked_categorical(
         last_pos = (k1 - k0 - 1) - (w > 0).flip(1).int().argmax(dim=1)
         out[sel] = torch.minimum(idx, last_pos) + k0
     return out
+
+
+def block_masses(score_fn: ScoreFn, rows: int, blocks: list[tuple[int, int]], device) -> tuple[torch.Tensor,
+                                                                                                torch.Tensor]:
+    """Pass 1: per row and block, the block max m_c (Float[M, C]) and sum_k exp(s_k - m_c) (Float64[M, C])."""
+    maxes = torch.empty(rows, len(blocks), device=device)
+    sums = torch.empty(rows, len(blocks), dtype=torch.float64, device=device)
+    for c, (k0, k1) in enumerate(blocks):
+        s = score_fn(k0, k1, None).float()
+        m = s.max(dim=1).values
+        safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        maxes[:, c] = m
+        sums[:, c] = torch.exp(s - safe[:, None]).sum(dim=1, dtype=torch.float64)
+    return maxes, sums
 
 
 def _one_block(s: torch.Tensor, generator: torch.Generator | None, device) -> torch.Tensor:

@@ -1,24 +1,32 @@
-"""Memory per GPU of a UDM-GRPO run, estimated from the transformer's config.json, the batch plan and the engine.
+"""Memory per GPU of a UDM-GRPO run from the transformer's config.json, the batch plan and the engine.
 
-Persistent state, for P trainable parameters over W processes (bytes):
+What each engine stores per process, for P parameters (T trainable; T = P without LoRA) over W processes and a
+compute dtype of c bytes (2 for bf16, 4 for float32), in bytes (`engine_state`; "update" = the training and
+optimizer steps):
 
-    engine      weights for the forwards        float32 masters   gradients       AdamW moments
-    DDP         2P (bf16 autocast copies)       4P                4P              8P
-    ZeRO-1      2P (bf16 module)                4P / W            4P (2P bf16+…)  8P / W
-    ZeRO-2      2P (bf16 module)                4P / W            4P / W + 2P     8P / W
-    ZeRO-3      2P / W (+ one gathered block)   4P / W            4P / W          8P / W
-    FSDP2       one gathered block (bf16)       4P / W            4P / W          8P / W
+    engine   weights the forwards read   float32 masters  gradients (other phases / update)    AdamW moments
+    DDP      the masters (autocast)      4T               4T if W > 1 (buckets) / 4T            8T
+    ZeRO-1   cP (module in c)            4T / W           4T (fp32 accumulation) / 4T + cT      8T / W
+    ZeRO-2   cP                          4T / W           0 / (4 + c) T / W + reduce bucket     8T / W
+    ZeRO-3   cP / W + gathered           4T / W           0 / (4 + c) T / W + bucket + gathered 8T / W
+    FSDP2    gathered (c)                the shards 4T/W  0 / 4T / W + (c + 4) x root           8T / W
 
-plus the frozen reference in the compute dtype (2P in bf16, replicated) when reward.kl_beta > 0. In float32 compute the
-"weights for the forwards" row is the masters themselves (0 extra).
+DDP uses gradient buckets as the gradients' storage (`gradient_as_bucket_view`), so W > 1 keeps 4T between
+updates. DeepSpeed ZeRO-1 with bf16 and float32 accumulation is its BF16_Optimizer: a full float32 gradient
+buffer. The reduce bucket is DeepSpeed's default reduce_bucket_size (5e8 elements in c). "Gathered" is what a
+sharded engine holds unsharded at once: ZeRO-3 the largest module plus its prefetch bucket (5e7 elements);
+FSDP2 the root unit (embeddings, image head, final norm: not resharded after the forward) plus two blocks
+(current and prefetched), and in the backward the root's unsharded gradient in c and in float32 (reduce dtype).
+With LoRA the frozen base is the weights (cP, sharded under ZeRO-3 / FSDP2) and only the adapters have masters,
+gradients and moments. The frozen reference (kl_beta > 0, no LoRA) is a replicated copy in c: cP.
 
-Activations of one training micro-batch of b samples, S = L_text + 1 + N tokens, per layer and token
-(bf16, SDPA attention, so no S x S scores): the block input 2d always; with checkpointing level 0 also
-attention (q, k, v, output: 2 (H + 2 KV) hd + 2 H hd + 2d) and the MLP (gate, up, product: 6 I + 2d);
-level 1 recomputes the MLP, level 2 also the qkv projection, level 3 the whole block. The logits
-dominate at large K: b N K x (2 bytes bf16 + 4 bytes float32 log-softmax) x 2 (kept for backward).
-The rollout forward (no grad) holds b_r N K x 2 bytes of logits (x 2 with guidance) and the CTMC step's
-blocks. Figures are estimates (allocator fragmentation and framework buffers add ~10-20%).
+`estimate` adds the transient memory from formulas: activations of one training micro-batch of b samples, S =
+L_text + 1 + N tokens, per layer and token (c bytes, SDPA attention, so no S x S scores): the block input d
+always; with checkpointing level 0 also attention (q, k, v, output) and the MLP (gate, up, product); level 1
+recomputes the MLP, level 2 also the qkv projection, level 3 the whole block. The logits dominate at large K:
+b N K x (c + 4 bytes of float32 log-softmax) x 2 (kept for backward). The rollout forward (no grad) holds b_r N K
+x c bytes of logits (x 2 with guidance). `udm-grpo train --check --simulate` measures these instead
+(`simulate.py`); docs/multinode.md compares the two.
 """
 
 from __future__ import annotations
@@ -26,6 +34,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GB = 1024**3
+REDUCE_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size, elements
+PREFETCH_BUCKET = 50_000_000  # DeepSpeed's default stage3_prefetch_bucket_size, elements
+ENGINE_KINDS = ("ddp", "zero1", "zero2", "zero3", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -38,64 +49,93 @@ class Shape:
     head_dim: int
     layers: int
     codebook: int
+    root_params: int = 0  # outside the blocks: embeddings, image head, final norm
+    largest_module: int = 0  # parameters of the largest leaf module (the embedding table)
 
     @classmethod
     def from_config(cls, cfg) -> Shape:
-        """From an URSAConfig; the parameter count comes from the model built on the meta device."""
+        """From an URSAConfig; parameter counts come from the model built on the meta device."""
         import torch
 
         from ..models.transformer import URSATransformer
 
         with torch.device("meta"):
-            params = sum(p.numel() for p in URSATransformer(cfg).parameters())
+            model = URSATransformer(cfg)
+        params = sum(p.numel() for p in model.parameters())
+        blocks = sum(p.numel() for p in model.model.layers.parameters())
+        largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
         return cls(params, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-                   cfg.head_dim, cfg.num_hidden_layers, cfg.lm_head_size)
+                   cfg.head_dim, cfg.num_hidden_layers, cfg.lm_head_size, params - blocks, largest)
+
+    @property
+    def block_params(self) -> int:
+        return (self.params - self.root_params) // max(1, self.layers)
 
 
-def activation_bytes_per_token_layer(s: Shape, level: int) -> int:
-    attention = 2 * (s.heads + 2 * s.kv_heads) * s.head_dim + 2 * s.heads * s.head_dim + 2 * s.hidden
-    mlp = 6 * s.intermediate + 2 * s.hidden
-    keep = {0: attention + mlp, 1: attention, 2: 2 * s.heads * s.head_dim + 2 * (s.heads + 2 * s.kv_heads) * s.head_dim,
+def engine_kind(kind: str, zero_stage: int) -> str:
+    """'ddp', 'zero1'..'zero3' or 'fsdp' from an EngineSpec's kind and stage."""
+    return f"zero{zero_stage}" if kind == "deepspeed" else kind
+
+
+def engine_state(s: Shape, kind: str, world: int, bf16: bool, trainable: int | None = None,
+                 reference: bool = False) -> dict[str, tuple[float, float]]:
+    """Bytes per process the engine `kind` (`ENGINE_KINDS`) stores, category -> (outside the update, during the
+    training and optimizer steps); see the module docstring. `trainable`: LoRA's adapter parameters (None: a full
+    fine-tune)."""
+    p, w, c = s.params, max(1, world), 2 if bf16 else 4
+    lora = trainable is not None
+    t = trainable if lora else p
+    sharded = kind in ("zero3", "fsdp")
+    weights = c * p / w if kind == "zero3" or lora and sharded else 0 if kind in ("ddp", "fsdp") and not lora \
+        else c * p
+    masters = 4 * t / (1 if kind == "ddp" or lora else w)
+    moments = 8 * t / (1 if kind == "ddp" or lora else w)
+    bucket = c * min(t, REDUCE_BUCKET)
+    if kind == "ddp":
+        grads = (4 * t if w > 1 else 0, 4 * t)
+    elif kind == "zero1":
+        grads = (4 * t, 4 * t + c * t)
+    elif kind in ("zero2", "zero3"):
+        grads = (0, (4 + c) * t / w + bucket)
+    else:
+        grads = (0, 4 * t / w)
+    gathered = (0.0, 0.0)
+    if kind == "zero3":
+        live = c * (s.largest_module + min(p, PREFETCH_BUCKET))
+        gathered = (live, live + (0 if lora else c * s.largest_module))
+    elif kind == "fsdp":
+        live = c * (s.root_params + 2 * s.block_params)
+        gathered = (live, live + (0 if lora else (c + 4) * s.root_params))
+    out = {"weights": (weights, weights), "masters": (masters, masters), "gradients": grads,
+           "optimizer": (moments, moments), "gathered": gathered,
+           "reference": (c * p, c * p) if reference and not lora else (0, 0)}
+    return {k: v for k, v in out.items() if v != (0, 0)}
+
+
+def activation_bytes_per_token_layer(s: Shape, level: int, c: int = 2) -> int:
+    attention = (s.heads + 2 * s.kv_heads) * s.head_dim + s.heads * s.head_dim + s.hidden
+    mlp = 3 * s.intermediate + s.hidden
+    keep = {0: attention + mlp, 1: attention, 2: s.heads * s.head_dim + (s.heads + 2 * s.kv_heads) * s.head_dim,
             3: 0}[level]
-    return 2 * s.hidden + keep
+    return c * (s.hidden + keep)
 
 
 def estimate(s: Shape, engine: str, zero_stage: int, world: int, bf16: bool, reference: bool, level: int,
              micro_batch: int, rollout_batch: int, text_tokens: int, image_tokens: int, guidance: bool,
              lora: bool = False) -> dict[str, float]:
-    """GiB per GPU by item (see the module docstring); 'total' sums them."""
-    p, w = s.params, max(1, world)
-    kind = engine if engine != "deepspeed" else f"zero{zero_stage}"
-    compute = 2 * p if bf16 else 0
-    rows = {
-        "ddp": (compute, 4 * p, 4 * p, 8 * p),
-        "zero1": (compute, 4 * p / w, 4 * p + (2 * p if bf16 else 0), 8 * p / w),
-        "zero2": (compute, 4 * p / w, 4 * p / w + (2 * p if bf16 else 0), 8 * p / w),
-        "zero3": ((2 * p if bf16 else 4 * p) / w, 4 * p / w if bf16 else 0, 4 * p / w, 8 * p / w),
-        "fsdp": (0, 4 * p / w, 4 * p / w, 8 * p / w),
-    }
-    weights, masters, grads, moments = rows[kind]
-    if lora:  # frozen base in the compute dtype; adapters are negligible
-        weights, masters, grads, moments = (2 if bf16 else 4) * p, 0, 0, 0
-    block = (2 if bf16 else 4) * p / s.layers if kind in ("zero3", "fsdp") else 0
+    """GiB per GPU by item (see the module docstring); 'total' = the larger of the update's peak and the
+    rollout's."""
+    c = 2 if bf16 else 4
+    state = engine_state(s, engine_kind(engine, zero_stage), world, bf16, 0 if lora else None, reference)
     seq = text_tokens + 1 + image_tokens
-    act = micro_batch * seq * s.layers * activation_bytes_per_token_layer(s, level)
-    logits = micro_batch * image_tokens * s.codebook * (2 + 4) * 2
-    rollout = rollout_batch * image_tokens * s.codebook * 2 * (2 if guidance else 1)
-    out = {
-        "weights for the forwards": weights + block,
-        "float32 master weights": masters,
-        "gradients": grads,
-        "AdamW moments": moments,
-        "frozen reference": (2 if bf16 else 4) * p if reference and not lora else 0,
-        "training activations (one micro-batch)": act,
-        "training logits (one micro-batch)": logits,
-        "rollout logits (one forward)": rollout,
-    }
-    gib = {k: v / GB for k, v in out.items()}
-    persistent = sum(v for k, v in gib.items() if "logits" not in k and "activations" not in k)
-    gib["total"] = persistent + max(gib["training activations (one micro-batch)"]
-                                    + gib["training logits (one micro-batch)"], gib["rollout logits (one forward)"])
+    act = micro_batch * seq * s.layers * activation_bytes_per_token_layer(s, level, c)
+    logits = micro_batch * image_tokens * s.codebook * (c + 4) * 2
+    rollout = rollout_batch * image_tokens * s.codebook * c * (2 if guidance else 1)
+    gib = {k: v[1] / GB for k, v in state.items()}
+    gib.update({"training activations (one micro-batch)": act / GB, "training logits (one micro-batch)": logits / GB,
+                "rollout logits (one forward)": rollout / GB})
+    outside = sum(v[0] for v in state.values()) + rollout
+    gib["total"] = max(sum(v[1] for v in state.values()) + act + logits, outside) / GB
     return gib
 
 
@@ -107,8 +147,12 @@ def fitting_gpus(total_gib: float) -> list[str]:
     return [name for name, gib in GPU_PRESETS.items() if total_gib <= gib]
 
 
+LABELS = {"weights": "weights the forwards read", "masters": "float32 masters", "optimizer": "AdamW moments",
+          "gathered": "gathered (unsharded) parameters", "reference": "frozen reference"}
+
+
 def describe(gib: dict[str, float], shape: Shape) -> str:
     lines = [f"memory per GPU (estimate, {shape.params / 1e6:,.1f}M parameters, K = {shape.codebook}):"]
-    lines += [f"  {k:40s} {v:8.2f} GiB" for k, v in gib.items() if k != "total" and v > 0]
-    lines.append(f"  {'peak: persistent + max(training, rollout)':40s} {gib['total']:8.2f} GiB")
+    lines += [f"  {LABELS.get(k, k):40s} {v:8.2f} GiB" for k, v in gib.items() if k != "total" and v > 0]
+    lines.append(f"  {'peak: the larger of update and rollout':40s} {gib['total']:8.2f} GiB")
     return "\n".join(lines)

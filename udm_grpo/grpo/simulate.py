@@ -1,43 +1,54 @@
 """The policy's phases at any model shape without the memory: torch's fake tensors (shapes and dtypes, no
-storage) run the real transformer code, `FlopCounterMode` counts FLOPs per op and `MemTracker` the live bytes
-by category (parameters, buffers, gradients, optimizer state, activations, temporaries).
+storage) run the real code, `FlopCounterMode` counts FLOPs per op and `MemTracker` the live bytes by category.
 
 `simulate_phases(config, ...)` builds a random URSA transformer of `config`'s shape (fake unless `fake=False`,
-which runs the same code for real: the tests compare the two) and runs, one process's view:
+which runs the same program for real: the tests compare the two) and runs one process's view of:
 
-    rollout forward   one no-grad forward of `rollout_batch` images (doubled under guidance), compute dtype
-    reference forward one no-grad forward of a micro-batch by the frozen reference (with `reference`)
-    old-policy forward one no-grad forward of a micro-batch by the policy for the stored old log-probs (with
-                      `old_policy`: rollouts reused for several updates)
-    training step     forward + backward of one micro-batch: the action log-probs of `action_log_probs` (the
-                      trainer's objective reads only these), gradient checkpointing as configured
-    optimizer step    AdamW on the float32 master weights
+    rollout step       one sampling step of `rollout_batch` images without grad: the forward (doubled under
+                       guidance), the guided mixture, the categorical draw of x1 over K and the CTMC jump
+    rollout decode     the tokenizer's decode of the rollout's tokens to pixels (with `vae`)
+    reference forward  the frozen reference's no-grad forward of a micro-batch (with `reference`; LoRA: the
+                       base with its adapters disabled)
+    old-policy forward the policy's no-grad forward of a micro-batch for the stored old log-probs (`old_policy`)
+    training step      forward + backward of one micro-batch through the trainer's objective (action log-probs,
+                       then the entropy metric), gradient checkpointing as configured
+    optimizer step     AdamW on the trainable parameters
 
-in the steady state of every iteration after the first: the AdamW moments are live throughout (one step is
-taken before the phases are measured).
+in the steady state of every iteration after the first (one optimizer step is taken before measuring, so the
+AdamW moments are live). Stand-ins of the same shapes replace what depends on values: every token jumps
+(the jump's upper bound) and every row draws from the first block of K (`_static_categorical`); the jump streams
+(row x column) blocks as it does at large K (small codebooks use a K x K table instead).
 
-Not simulated yet (issue 24 continues): the CTMC sampler's jump, the engines' sharding
-and communication buffers, reward models, allocator fragmentation and CUDA workspaces.
+`simulate_iteration` runs it for a run config and combines the measured transient bytes with what the engine
+stores (`memory.engine_state`: weights, masters, gradients, moments, gathered shards) for the process count.
+
+Not simulated: reward models, communication buffers other than the engines' buckets, allocator fragmentation,
+CUDA workspaces, image encoding and the `.item()` / NaN-guard synchronisations.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 
+from ..diffusion import categorical, paths
 from ..models.transformer import URSAConfig, URSATransformer
 from .memory import GPU_PRESETS
-from .objective import action_log_probs
+from .objective import action_log_probs, token_entropy
 
-PHASES = ("rollout forward", "reference forward", "old-policy forward", "training step", "optimizer step")
+PHASES = ("rollout step", "rollout decode", "reference forward", "old-policy forward", "training step",
+          "optimizer step")
+TRANSIENT = {"act": "activations", "temp": "temporaries", "buffer": "buffers", "pipeline": "tokenizer and path"}
 
 
 @dataclass
 class PhaseFigures:
-    """One phase: `flops` counted by FlopCounterMode, `peak_bytes` the peak of live bytes by MemTracker
-    category ("param", "buffer", "grad", "act", "temp", "opt", ...) and "total"."""
+    """One phase: `flops` counted by FlopCounterMode, `peak_bytes` the live bytes at the phase's peak by MemTracker
+    category ("param", "buffer", "grad", "act", "temp", "opt", plus "reference" and "pipeline") and "total"."""
 
     flops: float
     peak_bytes: dict[str, int]
@@ -50,17 +61,101 @@ def _peak(tracker) -> dict[str, int]:
     return {k: v for k, v in out.items() if v or k == "total"}
 
 
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def build_policy_model(config: URSAConfig, dtype: torch.dtype, lora: dict | None, fake: bool) -> torch.nn.Module:
+    """A transformer of `config` with parameters in `dtype` (LoRA: the frozen base in `dtype`, float32 adapters),
+    fake when `fake`. Built on the meta device and then given fake storage: peft cannot convert fake modules."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta") if fake else contextlib.nullcontext():
+            model = URSATransformer(config)
+            if lora is not None:
+                from peft import LoraConfig, get_peft_model
+
+                model = get_peft_model(model, LoraConfig(**lora))
+    finally:
+        torch.set_default_dtype(previous)
+    if lora is not None:
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    if fake:
+        for module in model.modules():
+            for name, p in module._parameters.items():
+                if p is not None:
+                    module._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
+                                                                  requires_grad=p.requires_grad)
+            for name, b in module._buffers.items():
+                if b is not None:
+                    module._buffers[name] = torch.zeros(b.shape, dtype=b.dtype)
+    return model
+
+
+def _static_categorical(score_fn, rows: int, num_classes: int, chunk: int, generator=None, device="cpu"):
+    """`chunked_categorical` with the same passes and block shapes when every row draws from the first block."""
+    blocks = list(categorical.class_blocks(num_classes, chunk))
+    maxes, _ = categorical.block_masses(score_fn, rows, blocks, device)
+    k0, k1 = blocks[0]
+    w = torch.exp(score_fn(k0, k1, torch.arange(rows, device=device)).float() - maxes[:, :1]).double()
+    w.cumsum(dim=1)
+    return torch.zeros(rows, dtype=torch.long, device=device)
+
+
+@contextlib.contextmanager
+def _value_free_sampler():
+    """The sampler's value-dependent selections replaced by stand-ins of the same shapes (module docstring)."""
+    with mock.patch.object(categorical, "chunked_categorical", _static_categorical), \
+            mock.patch.object(paths, "chunked_categorical", _static_categorical), \
+            mock.patch.object(paths, "_jumping", lambda rate, dt, generator: torch.arange(rate.numel())):
+        yield
+
+
+@contextlib.contextmanager
+def _frozen_parameters_tracked():
+    """MemTracker hooks every parameter a forward reads for its gradient, which fails on frozen ones (the reference,
+    LoRA's base): they get no hook, as they get no gradient."""
+    def only_trained(original):
+        def register(tensor, hook):
+            if tensor.requires_grad:
+                return original(tensor, hook)
+            return torch.utils.hooks.RemovableHandle(collections.OrderedDict())
+        return register
+
+    names = ("register_hook", "register_post_accumulate_grad_hook")
+    with mock.patch.multiple(torch.Tensor, **{name: only_trained(getattr(torch.Tensor, name)) for name in names}):
+        yield
+
+
+def _vae(data: dict):
+    from ..models.patch_vq import PatchVQConfig
+    from ..models.vae import VAE_CLASSES
+    from ..models.vq import VQConfig
+
+    name = data.get("_class_name")
+    config = (PatchVQConfig if name == "PatchVQ" else VQConfig).from_dict(data)
+    return VAE_CLASSES[name](config)
+
+
 def simulate_phases(config: URSAConfig, micro_batch: int, rollout_batch: int, text_tokens: int,
                     grid: tuple[int, int], bf16: bool = True, gradient_checkpointing: int = 1,
                     guidance: bool = False, reference: bool = False, old_policy: bool = False,
-                    accumulating: bool = True, fake: bool = True, seed: int = 0) -> dict[str, PhaseFigures]:
+                    accumulating: bool = True, fake: bool = True, seed: int = 0, vae: dict | None = None,
+                    lora: dict | None = None, module_dtype: torch.dtype | None = None) -> dict[str, PhaseFigures]:
     """FLOPs and peak bytes of each phase for one process (see the module docstring). `reference`: a frozen copy in
-    the compute dtype is live throughout ("reference" bytes, out of "param") and a "reference forward" phase
-    gives a micro-batch's reference log-probs; `accumulating`: gradients of earlier micro-batches are live during
-    the training step (every micro-batch of an update but the first)."""
+    the compute dtype is live throughout ("reference" bytes, out of "param"); `accumulating`: gradients of earlier
+    micro-batches are live during the training step; `vae`: the tokenizer's config.json (adds the decode phase and
+    sizes the path embedding); `module_dtype`: the dtype of the module the forwards read (default float32 masters
+    under autocast, as DDP runs; bf16 for DeepSpeed's and FSDP2's compute copies)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
     from torch.utils.flop_counter import FlopCounterMode
+
+    from ..diffusion.categorical import sample_logits
+    from ..diffusion.sampler import guided_logits
 
     torch.manual_seed(seed)
     figures: dict[str, PhaseFigures] = {}
@@ -68,62 +163,95 @@ def simulate_phases(config: URSAConfig, micro_batch: int, rollout_batch: int, te
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     n, k = grid[0] * grid[1], config.lm_head_size
     with FakeTensorMode() if fake else contextlib.nullcontext():
-        model = URSATransformer(config)
-        model.set_gradient_checkpointing(gradient_checkpointing)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=False)
-        for p in model.parameters():  # one step first: from the second iteration on the AdamW moments are live
+        model = build_policy_model(config, module_dtype or torch.float32, lora, fake)
+        if lora is not None:
+            model.base_model.model.set_gradient_checkpointing(gradient_checkpointing)
+        else:
+            model.set_gradient_checkpointing(gradient_checkpointing)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-6, foreach=False)
+        for p in trainable:  # one step first: from the second iteration on the AdamW moments are live
             p.grad = torch.zeros_like(p)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        frozen = _frozen_copy(config, compute) if reference else None
-        frozen_bytes = sum(p.numel() * p.element_size() for p in frozen.parameters()) if frozen else 0
+        frozen = build_policy_model(config, compute, None, fake).requires_grad_(False) \
+            if reference and lora is None else None
+        tokenizer = _vae(vae) if vae else None
+        dim = tokenizer.codebook.shape[1] if tokenizer is not None else 256
+        path = paths.MetricPath(torch.randn(k, dim), table_max=0)
+        resident = _nbytes(path.raw_emb, path.emb, path.sq_norm)
+        named = [("reference", "param", _nbytes(*frozen.parameters()) if frozen else 0),
+                 ("pipeline", "param", _nbytes(*tokenizer.parameters()) if tokenizer else 0),
+                 ("pipeline", "buffer", _nbytes(*tokenizer.buffers()) if tokenizer else 0)]
 
         def phase(name, fn):
             tracker = MemTracker()
-            tracker.track_external(*(m for m in (model, optimizer, frozen) if m is not None))
-            with tracker, FlopCounterMode(display=False) as counter:
-                fn()
+            tracker.track_external(*(m for m in (model, optimizer, frozen, tokenizer) if m is not None))
+            with _frozen_parameters_tracked(), tracker, FlopCounterMode(display=False) as counter:
+                extra = fn(counter) or 0.0
             peak = _peak(tracker)
-            if frozen_bytes:  # tracked as parameters: named apart
-                peak["param"], peak["reference"] = peak["param"] - frozen_bytes, frozen_bytes
-            figures[name] = PhaseFigures(float(counter.get_total_flops()), peak)
+            peak["pipeline"] = resident  # the path tables exist before the tracker starts
+            peak["total"] += resident
+            for key, source, size in named:  # tracked as parameters or buffers: named apart
+                peak[source] -= size
+                peak[key] = peak.get(key, 0) + size
+            figures[name] = PhaseFigures(float(counter.get_total_flops()) + extra, {k: v for k, v in peak.items() if v})
 
         def tokens(rows):
             return torch.zeros(rows, text_tokens, dtype=torch.long), torch.randint(0, k, (rows, n))
 
-        def forward(module, rows):
-            module.eval()
-            with torch.no_grad(), autocast:
-                module.image_logits(*tokens(rows), grid)
-            module.train()
+        def no_grad(fn):
+            def run(counter):
+                model.eval()
+                with torch.no_grad(), autocast, _value_free_sampler():
+                    extra = fn(counter)
+                model.train()
+                return extra
+            return run
 
-        def train():
-            for p in model.parameters():
+        def rollout_step(counter):
+            """KineticOptimalScheduler.step before its last step. The draw and the jump work on chunks of
+            `path.row_chunk` tokens alike: one chunk runs and its FLOPs are counted for all."""
+            text, x = tokens(rollout_batch)
+            logits = guided_logits(model.image_logits, text, x, grid, 7.0 if guidance else 1.0,
+                                   text if guidance else None)
+            rows = min(path.row_chunk, x.numel())
+            before = counter.get_total_flops()
+            path.jump(x.view(-1)[:rows], sample_logits(logits.view(-1, k)[:rows]), 0.5, 0.1)
+            return (counter.get_total_flops() - before) * (x.numel() / rows - 1)
+
+        def old_policy_forward(counter):
+            model.image_logits(*tokens(micro_batch * (2 if guidance else 1)), grid)
+
+        def decode(counter):
+            tokenizer.decode(torch.randint(0, k, (rollout_batch, *grid)))
+
+        def reference_forward(counter):
+            if frozen is not None:
+                frozen.image_logits(*tokens(micro_batch * (2 if guidance else 1)), grid)
+                return
+            with model.disable_adapter():
+                model.image_logits(*tokens(micro_batch * (2 if guidance else 1)), grid)
+
+        def train(counter):
+            for p in trainable:
                 p.grad = torch.zeros_like(p) if accumulating else None
             with autocast:
-                logp = action_log_probs(model.image_logits(*tokens(micro_batch), grid),
-                                        torch.randint(0, k, (micro_batch, n)))
+                logits = model.image_logits(*tokens(micro_batch), grid)
+                logp = action_log_probs(logits, torch.randint(0, k, (micro_batch, n)))
             logp.mean().backward()
+            token_entropy(logits.detach())
 
-        phase("rollout forward", lambda: forward(model, rollout_batch * (2 if guidance else 1)))
-        if frozen is not None:
-            phase("reference forward", lambda: forward(frozen, micro_batch * (2 if guidance else 1)))
+        phase("rollout step", no_grad(rollout_step))
+        if tokenizer is not None:
+            phase("rollout decode", no_grad(decode))
+        if reference:
+            phase("reference forward", no_grad(reference_forward))
         if old_policy:
-            phase("old-policy forward", lambda: forward(model, micro_batch * (2 if guidance else 1)))
+            phase("old-policy forward", no_grad(old_policy_forward))
         phase("training step", train)
-        phase("optimizer step", optimizer.step)
+        phase("optimizer step", lambda counter: optimizer.step() and None)
     return figures
-
-
-def _frozen_copy(config: URSAConfig, dtype: torch.dtype) -> URSATransformer:
-    """A transformer of `config` built in `dtype` (`.to(dtype)` cannot swap fake parameters). Its parameters keep
-    requires_grad (MemTracker hooks them) but it only runs under no_grad."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        return URSATransformer(config)
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def gpu_memory_bytes(value: str) -> int:
@@ -141,12 +269,8 @@ def gpu_memory_bytes(value: str) -> int:
     return int(gib * 2**30)
 
 
-def simulate_iteration(cfg, folder, index: dict, plan, codebook: int | None = None) -> dict:
-    """One process's first training iteration of the run config `cfg` on the model in `folder` (config files
-    only; `index` its model_index.json) under the batch `plan`, from `simulate_phases`: per phase its FLOPs per
-    iteration (the rollout forward x sampling steps x rollout calls, the training step x micro-batches x updates)
-    and peak bytes; "params", "flops" (phase -> float, "total"), "peak_bytes" (category -> int of the peak phase,
-    "total"), "peak_phase". `codebook` replaces the model's codebook size K (lm_head_size; vocab_size follows)."""
+def _sizes(cfg, folder, index: dict, codebook: int | None):
+    """(URSAConfig with `codebook` as K, vae config.json, text tokens, token grid) of the model folder."""
     from ..models.io import read_config
     from ..models.pipeline import DEFAULT_PROMPT_LENGTH, token_grid
     from ..models.vae import vae_geometry
@@ -154,24 +278,53 @@ def simulate_iteration(cfg, folder, index: dict, plan, codebook: int | None = No
     data, path = read_config(folder / "transformer", "transformer/")
     if codebook:
         data = {**data, "lm_head_size": codebook, "vocab_size": data["lm_vocab_size"] + codebook}
-    config = URSAConfig.from_dict(data, str(path))
+    vae, _ = read_config(folder / "vae", "vae/")
+    if codebook:
+        vae = {**vae, "num_vq_embeddings": codebook}
     stride, size = vae_geometry(folder / "vae")
     r = cfg.sampling.rollout
+    return (URSAConfig.from_dict(data, str(path)), vae, int(index.get("_max_prompt_length", DEFAULT_PROMPT_LENGTH)),
+            token_grid(r.height, r.width, stride, size))
+
+
+def simulate_iteration(cfg, folder, index: dict, plan, spec, codebook: int | None = None) -> dict:
+    """One process's first training iteration of the run config `cfg` on the model in `folder` (config files
+    only; `index` its model_index.json) under the batch `plan` and engine `spec`. Returns "params",
+    "trainable_params", "codebook", "engine", "flops" (phase -> FLOPs per iteration: the rollout step x sampling
+    steps x rollout calls, the training step x micro-batches x updates, ...; "total"), "peak_bytes" (category ->
+    bytes at the peak phase, "total"), "peak_phase" and "phases" (each phase's "flops" and "peak_bytes").
+    A phase's bytes are what the engine stores then (`memory.engine_state`) plus the transient bytes measured.
+    `codebook` replaces the model's codebook size K."""
+    from .memory import Shape, engine_kind, engine_state
+
+    config, vae, text, grid = _sizes(cfg, folder, index, codebook)
+    kind = engine_kind(spec.kind, spec.zero_stage)
+    r, lora = cfg.sampling.rollout, cfg.model.lora
     rollout_batch = r.batch_size or plan.images_per_process
-    phases = simulate_phases(config, plan.micro_batch_size, rollout_batch,
-                             int(index.get("_max_prompt_length", DEFAULT_PROMPT_LENGTH)),
-                             token_grid(r.height, r.width, stride, size), cfg.bf16, cfg.model.gradient_checkpointing,
-                             r.guidance_scale != 1.0, reference=cfg.reward.kl_beta > 0 and cfg.model.lora is None,
-                             old_policy=cfg.training.updates_per_rollout > 1, accumulating=plan.grad_accum_steps > 1)
-    calls = {"rollout forward": r.num_inference_steps * -(-plan.images_per_process // rollout_batch),
+    reference = cfg.reward.kl_beta > 0
+    phases = simulate_phases(config, plan.micro_batch_size, rollout_batch, text, grid, cfg.bf16,
+                             cfg.model.gradient_checkpointing, r.guidance_scale != 1.0, reference=reference,
+                             old_policy=cfg.training.updates_per_rollout > 1, vae=vae, lora=lora,
+                             module_dtype=torch.bfloat16 if cfg.bf16 and kind != "ddp" else None)
+    shape = Shape.from_config(config)
+    trainable = sum(p.numel() for p in build_policy_model(config, torch.float32, lora, True).parameters()
+                    if p.requires_grad) if lora is not None else shape.params
+    state = engine_state(shape, kind, plan.num_processes, cfg.bf16, trainable if lora is not None else None,
+                         reference)
+    calls = {"rollout step": r.num_inference_steps * -(-plan.images_per_process // rollout_batch),
+             "rollout decode": -(-plan.images_per_process // rollout_batch),
              "reference forward": plan.grad_accum_steps, "old-policy forward": plan.grad_accum_steps,
              "training step": plan.grad_accum_steps * cfg.training.updates_per_rollout,
              "optimizer step": cfg.training.updates_per_rollout}
-    flops = {name: fig.flops * calls[name] for name, fig in phases.items()}
-    peak_phase = max(phases, key=lambda name: phases[name].peak_bytes["total"])
-    with torch.device("meta"):
-        params = sum(p.numel() for p in URSATransformer(config).parameters())
-    return {"params": params, "trainable_params": params, "codebook": config.lm_head_size,
-            "flops": {**flops, "total": sum(flops.values())}, "peak_bytes": phases[peak_phase].peak_bytes,
-            "peak_phase": peak_phase,
-            "phases": {name: {"flops": flops[name], "peak_bytes": fig.peak_bytes} for name, fig in phases.items()}}
+    out = {}
+    for name, fig in phases.items():
+        update = name in ("training step", "optimizer step")
+        peak = {key: int(v[update]) for key, v in state.items() if v[update]}
+        peak.update({label: fig.peak_bytes[key] for key, label in TRANSIENT.items() if fig.peak_bytes.get(key)})
+        peak["total"] = sum(peak.values())
+        out[name] = {"flops": fig.flops * calls[name], "peak_bytes": peak}
+    flops = {name: phase["flops"] for name, phase in out.items()}
+    peak_phase = max(out, key=lambda name: out[name]["peak_bytes"]["total"])
+    return {"params": shape.params, "trainable_params": trainable, "codebook": config.lm_head_size,
+            "engine": kind, "processes": plan.num_processes, "flops": {**flops, "total": sum(flops.values())},
+            "peak_bytes": out[peak_phase]["peak_bytes"], "peak_phase": peak_phase, "phases": out}

@@ -40,6 +40,21 @@ from ..models.transformer import URSAConfig, URSATransformer
 from .memory import GPU_PRESETS
 from .objective import action_log_probs, token_entropy
 
+
+def _count_cpu_attention() -> None:
+    """FlopCounterMode has formulas for the GPU attention kernels only; fake CPU tensors run the CPU one."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
+
+    forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    if forward not in flop_registry:
+        register_flop_formula(forward)(lambda q, k, v, *args, out_shape=None, **kw: sdpa_flop_count(q, k, v))
+    if backward not in flop_registry:
+        register_flop_formula(backward)(
+            lambda g, q, k, v, *args, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v))
+
+
+_count_cpu_attention()
 PHASES = ("rollout step", "rollout decode", "reference forward", "old-policy forward", "training step",
           "optimizer step")
 TRANSIENT = {"act": "activations", "temp": "temporaries", "buffer": "buffers", "pipeline": "tokenizer and path"}

@@ -3,7 +3,9 @@
     python -m torch.distributed.run --standalone --nproc_per_node N -m tests.distributed_worker OUT RECIPE \
         [ENGINE [CHECKPOINT]]
 
-ENGINE: ddp (default), fsdp, or deepspeed-<ZeRO stage>. CHECKPOINT: resume from it and train one more step.
+ENGINE: ddp (default), fsdp, or deepspeed-<ZeRO stage>, each optionally with +KEY (training.KEY: true, e.g.
++offload_optimizer). RECIPE "lora" trains LoRA adapters ("lora-bf16" on a bf16 base). CHECKPOINT: resume from
+it and train one more step.
 
 Randomness is made independent of the process layout (each image's rollout and training states drawn
 with generators seeded by its global index and the step; the Reduced-Step start drawn alike on every
@@ -15,6 +17,7 @@ the held-out evaluation has fewer prompts than processes.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -33,7 +36,10 @@ RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1
 RECIPES = {
     "simplified": {"sampling.train_start": [0, 1], "sampling.forward_process": False},
     "default": {"sampling.train_start": [0, 3], "sampling.forward_process": True},  # the paper's switches
+    "lora": {"sampling.train_start": [0, 3], "sampling.forward_process": True,
+             "model.lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
 }
+RECIPES["lora-bf16"] = {**RECIPES["lora"], "model.dtype": "bfloat16"}  # a bf16 frozen base, float32 adapters
 
 
 def layout_free_rollout():
@@ -92,8 +98,31 @@ def nan_on_last_process(tr):
 
 
 def engine_overrides(engine: str) -> dict:
+    """ENGINE[-STAGE][+training key set to true]..., e.g. deepspeed-3+offload_param."""
+    engine, *switches = engine.split("+")
     kind, _, stage = engine.partition("-")
-    return {"training.engine": kind, **({"training.zero_stage": int(stage)} if stage else {})}
+    return {"training.engine": kind, **({"training.zero_stage": int(stage)} if stage else {}),
+            **{f"training.{key}": True for key in switches}}
+
+
+def engine_facts(engine) -> dict:
+    """What the engine set up, as the main process sees it: the optimizer's class, the elements it optimises on
+    this process against those trained and all of the model's, and the offload DeepSpeed / FSDP2 received."""
+    opt = getattr(engine.optimizer, "optimizer", engine.optimizer)  # accelerate's and ZeRO's wrapped optimizer
+    size = lambda p: getattr(p, "ds_numel", None) or p.numel()  # noqa: E731  (ZeRO-3 partitions hold ds_numel)
+    local = lambda p: p.to_local().numel() if hasattr(p, "to_local") else p.numel()  # noqa: E731  (FSDP2 shards)
+    facts = {"optimizer": type(opt).__name__, "optimized": sum(local(p) for g in opt.param_groups for p in g["params"]),
+             "trained": sum(size(p) for p in engine.params()), "total": sum(size(p) for p in engine.inner.parameters()),
+             "dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in engine.inner.parameters()})}
+    module = engine.module
+    if hasattr(module, "zero_cpu_offload"):  # DeepSpeed's own reading of its config
+        param = module.zero_offload_param()
+        facts.update(offload_optimizer=bool(module.zero_cpu_offload()),
+                     offload_param=None if param is None else str(getattr(param.device, "value", param.device)))
+    if hasattr(engine, "offload_policy"):
+        block = next(m for m in module.modules() if hasattr(m, "_get_fsdp_state") and m is not module)
+        facts["offload_policy"] = type(block._get_fsdp_state()._fsdp_param_group.offload_policy).__name__
+    return facts
 
 
 def main(out: Path, recipe: str, engine: str = "ddp", resume: str | None = None) -> None:
@@ -108,6 +137,8 @@ def main(out: Path, recipe: str, engine: str = "ddp", resume: str | None = None)
     tr = trainer(cfg, Brightness())
     trainer_mod.grpo_loss = nan_on_last_process(tr)
     tr.train()
+    if RANK == 0:
+        (out / "engine.json").write_text(json.dumps(engine_facts(tr.engine)))
     finish_processes(tr.acc)  # as `udm-grpo train` does
 
 

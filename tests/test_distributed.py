@@ -26,8 +26,12 @@ def launch(out: Path, processes: int, recipe: str, engine: str = "ddp", resume: 
     run = out / "run"
     folder = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
     read = lambda name: [json.loads(x) for x in (run / name).read_text().splitlines()]  # noqa: E731
-    return {"weights": load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors")),
-            "rows": read("metrics.jsonl"), "evals": read("eval.jsonl"), "folder": folder}
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():  # a LoRA run: the adapters
+        weights = folder / "adapter" / "adapter_model.safetensors"
+    return {"weights": load_file(str(weights)),
+            "rows": read("metrics.jsonl"), "evals": read("eval.jsonl"), "folder": folder,
+            "engine": json.loads((out / "engine.json").read_text())}
 
 
 @pytest.mark.parametrize("recipe", ["default", "simplified"])

@@ -173,8 +173,26 @@ def test_reference_lora_and_empty_checkpoints_are_one_sentence(tmp_path, capsys)
     (adapter / "adapter_config.json").write_text("{}")
     (adapter / "adapter_model.bin").write_bytes(b"")
     for spec in (out, adapter.parent, adapter):
-        with pytest.raises(UserError, match="holds a LoRA adapter, which cannot be evaluated yet"):
+        with pytest.raises(UserError, match="adapter_config.json: not a PEFT LoRA adapter config"):
             load_pipeline(None, "cpu", str(spec))
+    # A LoRA config that names no base, outside a udm-grpo run: the base must be given.
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="it names no base model .*; pass the base pipeline with --model"):
+        load_pipeline(None, "cpu", str(out))
+    base = tiny_pipeline("ibq")
+    base.save_pretrained(tmp_path / "m")
+    with pytest.raises(CheckpointError, match="adapter_model.bin: cannot be read as a weight file"):
+        load_pipeline(str(tmp_path / "m"), "cpu", str(out))
+    # The reference saves adapters as torch.save'd .bin (read with weights_only=True): merged into the base.
+    q = base.transformer.model.layers[1].self_attn.q_proj.weight
+    a, b = torch.randn(2, q.shape[1]), torch.randn(q.shape[0], 2)
+    layers = range(len(base.transformer.model.layers))
+    key = "base_model.model.model.layers.{}.self_attn.q_proj.lora_{}.weight"
+    torch.save({**{key.format(i, "A"): a for i in layers}, **{key.format(i, "B"): b for i in layers}},
+               adapter / "adapter_model.bin")
+    merged = load_pipeline(str(tmp_path / "m"), "cpu", str(out)).transformer.model.layers[1].self_attn.q_proj.weight
+    torch.testing.assert_close(merged, q + b @ a * 2.0)
     (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
     (tmp_path / "other").mkdir()
     for spec, needle in ((tmp_path / "empty", "no checkpoint in"), (tmp_path / "other", "neither a run folder")):

@@ -43,26 +43,62 @@ def check_device(device: str) -> None:
 
 def load_pipeline(model: str | None, device: str = "cpu", checkpoint: str | None = None):
     """The pipeline `--model` names (a folder or a hub id; default the shipped tiny world), with the
-    transformer of `--checkpoint` (ours or the reference trainer's, see `resolve_transformer`) if given."""
+    transformer of `--checkpoint` (ours or the reference trainer's, see `resolve_transformer`) if given; a LoRA
+    checkpoint's adapter is merged into its base's transformer (`adapter_base` finds the base)."""
     import torch
 
+    from .models.lora import is_adapter, merge_adapter
     from .models.pipeline import URSAPipeline
 
     check_device(device)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    if model is None and checkpoint:
-        model = run_model(checkpoint)
     transformer = None
     if checkpoint:
         from .grpo.checkpoint import resolve_transformer
 
         transformer = resolve_transformer(checkpoint, flag="--checkpoint")
+        if is_adapter(transformer):
+            pipe = URSAPipeline.from_pretrained(adapter_base(transformer, model, checkpoint), device=device)
+            pipe.transformer = merge_adapter(pipe.transformer, transformer)
+            return pipe
+    if model is None and checkpoint:
+        model = run_model(checkpoint)
     return URSAPipeline.from_pretrained(model_folder(model), device=device, transformer=transformer)
+
+
+def adapter_base(adapter: Path, model: str | None, checkpoint: str) -> Path:
+    """The pipeline folder a LoRA adapter applies to: `--model`; else the base its adapter_config.json names, when
+    it is found; else the `model.path` of the run's config.yaml. UserError naming adapter_config.json otherwise."""
+    from .errors import CheckpointError
+    from .models.lora import ADAPTER_CONFIG, adapter_base_named
+
+    if model:
+        return model_folder(model)
+    named = adapter_base_named(adapter)
+    if named:
+        try:
+            folder = model_folder(named)
+            folder = folder.parent if (folder / "config.json").is_file() else folder  # its transformer/ folder
+            if (folder / "model_index.json").is_file():
+                return folder
+        except CheckpointError:  # a hub id that is not cached here
+            pass
+    found, path = _run_model(checkpoint)
+    if found:
+        return model_folder(path)
+    what = f"its base model {named} cannot be found" if named else "it names no base model (base_model_name_or_path)"
+    raise UserError(f"{adapter / ADAPTER_CONFIG}: {what}, and no run config.yaml names one; pass the base pipeline "
+                    "with --model.")
 
 
 def run_model(checkpoint: str) -> str | None:
     """`model.path` of the udm-grpo run that `checkpoint` belongs to (from its config.yaml), so that
     `--checkpoint RUN` alone evaluates on the model the run trained; None for the tiny world or other layouts."""
+    return _run_model(checkpoint)[1]
+
+
+def _run_model(checkpoint: str) -> tuple[bool, str | None]:
+    """(whether a udm-grpo run's config.yaml holds `checkpoint`, its model.path or None)."""
     import yaml
 
     from .textfiles import read_text
@@ -74,6 +110,6 @@ def run_model(checkpoint: str) -> str | None:
                 data = yaml.safe_load(read_text(folder / "config.yaml")) or {}
                 model = (data.get("model") or {}).get("path")
             except (UserError, yaml.YAMLError, AttributeError):
-                return None
-            return model if isinstance(model, str) and model else None
-    return None
+                return False, None
+            return True, model if isinstance(model, str) and model else None
+    return False, None

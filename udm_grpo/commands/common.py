@@ -51,19 +51,27 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default=None,
                         help="a training checkpoint whose transformer replaces the model's: RUN/checkpoints/step-N "
                         "(or RUN for its latest), a reference checkpoint-N folder (or its output folder for the "
-                        "highest N), or a transformer folder")
+                        "highest N), or a transformer folder; a LoRA checkpoint's adapter (PEFT's adapter/ folder) is "
+                        "merged into its base: --model, else the base the adapter or its run names")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
 
 def read_sources(model: str | None, checkpoint: str | None, run: bool = False) -> list[Path]:
     """The folders a `--model` / `--checkpoint` command reads, for `outputs.check_output`: the model folder (the
     shipped tiny world when none is named) and the checkpoint folder, or with `run` its whole run folder."""
-    from ..grpo.checkpoint import checkpoint_folder, run_folder_of
+    from ..grpo.checkpoint import checkpoint_folder, resolve_transformer, run_folder_of
+    from ..models.lora import is_adapter
+    from ..pipelines import adapter_base
     from ..tinyworld import SHIPPED_MODEL
 
+    base = None
     if model is None and checkpoint:
-        model = run_model(checkpoint)
-    sources = [Path(model) if model else SHIPPED_MODEL]
+        transformer = resolve_transformer(checkpoint)
+        if is_adapter(transformer):  # a LoRA checkpoint reads the base its adapter names
+            base = adapter_base(transformer, None, checkpoint)
+        else:
+            model = run_model(checkpoint)
+    sources = [base or (Path(model) if model else SHIPPED_MODEL)]
     if checkpoint:
         folder = checkpoint_folder(checkpoint)
         sources.append((run_folder_of(folder) if run else None) or folder)

@@ -1,7 +1,8 @@
 """`udm-grpo export`: a training checkpoint -> a complete pipeline folder, optionally in bf16/fp16.
 
 Checkpoints keep float32 master weights (exact resume); exporting to a lower precision is this
-separate, explicit step.
+separate, explicit step. A LoRA checkpoint's adapter is merged into its base's transformer (W + B A * scale, in
+float32, by peft's `merge_and_unload`), so the folder is a full pipeline in the official layout.
 """
 
 from __future__ import annotations

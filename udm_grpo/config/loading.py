@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import ConfigError
-from .rules import Rule
+from .rules import Rule, offload_problem
 from .schema import Config
 
 # keys of the official UDM-GRPO configs -> the end of the error sentence
@@ -113,6 +113,10 @@ def _build(cls, data: Mapping, prefix: str, origins: dict[str, str]):
 
 
 def _cross_checks(cfg: Config, origins: dict[str, str]) -> None:
+    t = cfg.training
+    problem = offload_problem(t.engine, t.zero_stage, t.offload_optimizer, t.offload_param)
+    if problem:
+        raise ConfigError(problem)
     r = cfg.reward
     if r.weights is not None and (isinstance(r.name, str) or len(r.weights) != len(r.name)):
         count = 1 if isinstance(r.name, str) else len(r.name)

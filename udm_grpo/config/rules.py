@@ -75,3 +75,21 @@ BETAS = Rule(
     lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_num(x) and 0 <= x < 1 for x in v),
     lambda v: [float(x) for x in v],
 )
+
+
+def offload_problem(engine: str, zero_stage: int | None, offload_optimizer: bool, offload_param: bool) -> str | None:
+    """The sentence refusing `training.offload_optimizer` / `training.offload_param` under `engine` (ddp, deepspeed,
+    fsdp; 'auto' and an unset ZeRO stage are checked once the engine is known), else None. DeepSpeed offloads the
+    optimizer at every ZeRO stage and parameters at stage 3; FSDP2's CPUOffloadPolicy moves parameters, gradients and
+    so the AdamW step together (offload_param); DDP has no offload."""
+    if engine == "ddp" and (offload_optimizer or offload_param):
+        key = "offload_optimizer" if offload_optimizer else "offload_param"
+        return (f"config key 'training.{key}' needs training.engine deepspeed or fsdp; DDP keeps every tensor on "
+                "the GPU.")
+    if engine == "deepspeed" and offload_param and zero_stage in (1, 2):
+        return (f"config key 'training.offload_param' needs DeepSpeed ZeRO stage 3 (this run's is {zero_stage}, "
+                "which keeps whole parameters on every GPU); set training.zero_stage: 3 or offload_optimizer only.")
+    if engine == "fsdp" and offload_optimizer:
+        return ("config key 'training.offload_optimizer' is DeepSpeed's; under FSDP2 set training.offload_param, "
+                "whose CPUOffloadPolicy moves parameters, gradients and the AdamW step to the CPU together.")
+    return None

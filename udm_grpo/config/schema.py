@@ -108,6 +108,10 @@ class TrainingConfig:
                       "--config_file` selected (DeepSpeed, FSDP), else DDP")
     zero_stage: int | None = opt(None, optional(int_rule(1, 3)), "DeepSpeed ZeRO stage; null = the accelerate "
                                  "config's, else 2 (the paper)")
+    offload_optimizer: bool = opt(False, BOOL, "DeepSpeed (any ZeRO stage): float32 masters, AdamW moments and "
+                                  "the step on the CPU (DeepSpeed's CPUAdam)")
+    offload_param: bool = opt(False, BOOL, "DeepSpeed ZeRO-3: parameters on the CPU; FSDP2: CPUOffloadPolicy "
+                              "(sharded parameters, gradients and the AdamW step on the CPU)")
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 Layout of `<run>/checkpoints/step-<N>/`:
 
-    transformer/          the policy's float32 master weights in the official layout (or adapter/ with
-                          peft's files for LoRA)
+    transformer/          the policy's float32 master weights in the official layout (or, for LoRA,
+                          adapter/: PEFT's adapter_config.json + adapter_model.safetensors, `models.lora`)
     optimizer.safetensors optimizer state tensors, keys "state.<param index>.<name>"
     trainer_state.json    step, prompt-stream cursor, skip counters, number of processes, and the
                           optimizer's scalars and param groups (its lr is a function of the step)
@@ -102,35 +102,30 @@ def resolve_checkpoint(spec: str | Path, run_dir: Path | None = None, flag: str 
 def resolve_transformer(spec: str, flag: str = "--checkpoint") -> Path:
     """The transformer folder of a checkpoint for evaluation: ours (a run folder: its latest; `step-N`) or
     the reference trainer's (an output folder: its highest `checkpoint-N`; `checkpoint-N`), or a bare
-    transformer folder (config.json + weights). UserError naming `flag` otherwise, LoRA adapters included."""
+    transformer folder (config.json + weights). A LoRA checkpoint gives its adapter folder (PEFT's
+    adapter_config.json + weights; `models.lora.is_adapter`), which the caller applies to a base model.
+    UserError naming `flag` otherwise."""
     path, what = Path(spec), f"{flag} {spec}"
     if not path.exists():
         raise UserError(f"{what}: no such folder.")
-    lora = f"{what}: {{}} holds a LoRA adapter, which cannot be evaluated yet."
     if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
-        ckpt = path.parent  # a bare transformer (or adapter) folder
-        transformer = path
-    else:
-        ckpt = path
-        if (path / "checkpoints").is_dir() and not (path / "transformer").is_dir():
-            ours = list_checkpoints(path / "checkpoints")
-            theirs = [(int(m.group(1)), p) for p in (path / "checkpoints").iterdir()
-                      if (m := REFERENCE_DIR.match(p.name)) and p.is_dir()]
-            if ours or not theirs:
-                ckpt = resolve_checkpoint(spec, flag=flag)
-            else:
-                ckpt = max(theirs)[1]
-        elif not any((path / name).exists() for name in ("transformer", "adapter", "trainer_state.json")):
-            raise UserError(f"{what}: neither a run folder (with checkpoints/), a checkpoint folder (with "
-                            "transformer/) nor a transformer folder (with config.json).")
-        transformer = ckpt / "transformer"
-    if (transformer / "adapter_config.json").is_file() and not (transformer / "config.json").is_file():
-        raise UserError(lora.format(transformer))
-    if not transformer.is_dir():
-        if (ckpt / "adapter").is_dir():
-            raise UserError(lora.format(ckpt))
-        raise UserError(f"{what}: {ckpt} holds no transformer/ folder, so it cannot be evaluated.")
-    return transformer
+        return path  # a bare transformer (or adapter) folder
+    ckpt = path
+    if (path / "checkpoints").is_dir() and not (path / "transformer").is_dir():
+        ours = list_checkpoints(path / "checkpoints")
+        theirs = [(int(m.group(1)), p) for p in (path / "checkpoints").iterdir()
+                  if (m := REFERENCE_DIR.match(p.name)) and p.is_dir()]
+        if ours or not theirs:
+            ckpt = resolve_checkpoint(spec, flag=flag)
+        else:
+            ckpt = max(theirs)[1]
+    elif not any((path / name).exists() for name in ("transformer", "adapter", "trainer_state.json")):
+        raise UserError(f"{what}: neither a run folder (with checkpoints/), a checkpoint folder (with "
+                        "transformer/ or adapter/) nor a transformer folder (with config.json).")
+    for name in ("transformer", "adapter"):
+        if (ckpt / name).is_dir():
+            return ckpt / name
+    raise UserError(f"{what}: {ckpt} holds no transformer/ or adapter/ folder, so it cannot be evaluated.")
 
 
 def checkpoint_folder(spec: str, flag: str = "--checkpoint") -> Path:

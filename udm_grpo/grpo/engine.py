@@ -26,6 +26,21 @@ DeepSpeed note: DeepSpeed clips and steps inside `engine.step()` and skips the u
 global gradient norm is non-finite (its overflow check, on for bf16 here); an update abandoned for a
 non-finite loss is closed through that same path, because DeepSpeed keeps reduced gradients outside
 `param.grad` where `zero_grad` does not reach.
+
+LoRA (`model.lora`): every engine optimises the trainable (adapter) parameters only; `full_state` /
+`load_full_state` cover exactly those (gathered adapter weights and their AdamW moments), so a LoRA checkpoint
+is the same under every engine too. The frozen base never enters the optimizer: ZeRO-1/2 keep it whole on
+every process, ZeRO-3 partitions it as parameters (gathered per module by the forwards), and FSDP2 shards it
+in the same `fully_shard` unit as the adapters of its block. One unit may mix the frozen base in the compute
+dtype (bf16) with float32 adapters: FSDP2 asks for a uniform dtype among trainable parameters only, and its
+mixed-precision policy casts every parameter to the compute dtype for the all-gather; so no separate units for
+frozen and trainable parameters are needed.
+
+Offload (`training.offload_optimizer` / `training.offload_param`, checked per engine by
+`config.rules.offload_problem`): DeepSpeed ZeRO-1/2/3 `offload_optimizer` (float32 masters, AdamW moments and
+the step on the CPU, with DeepSpeed's CPUAdam), ZeRO-3 `offload_param`; FSDP2 `offload_param` =
+`CPUOffloadPolicy` (sharded parameters and gradients on the CPU, so AdamW steps there). Memory is pinned only on
+CUDA machines.
 """
 
 from __future__ import annotations
@@ -37,7 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 
 ENGINES = ("auto", "ddp", "deepspeed", "fsdp")
 
@@ -92,12 +107,12 @@ def plain_accelerator_env():
         os.environ.update(saved)
 
 
-def _adamw(params, lr: float, betas, weight_decay: float) -> torch.optim.AdamW:
+def adamw(params, lr: float, betas, weight_decay: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
 
 
 class Engine:
-    """DDP through accelerate (single process included). Subclasses: DeepSpeedEngine, FSDPEngine."""
+    """DDP through accelerate (single process included). Subclasses: DeepSpeedEngine, `fsdp.FSDPEngine`."""
 
     sharded = False
 
@@ -109,11 +124,15 @@ class Engine:
 
     def setup(self, policy, micro_batch: int, compute_dtype: torch.dtype) -> None:
         t = self.training
-        opt = _adamw(self.params(), t.lr, t.betas, t.weight_decay)
+        opt = adamw(self.params(), t.lr, t.betas, t.weight_decay)
         self.module, self.optimizer = self.acc.prepare(policy, opt)
 
     def params(self) -> list[torch.nn.Parameter]:
         return [p for p in self.inner.parameters() if p.requires_grad]
+
+    def named_params(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The trained parameters (all of them, or a LoRA policy's adapters) by their name in the model."""
+        return [(n.removeprefix("model."), p) for n, p in self.inner.named_parameters() if p.requires_grad]
 
     def sampler(self):
         return self.inner.model.image_logits if not self.sharded else self.module
@@ -152,23 +171,36 @@ class Engine:
 
     # ---- checkpoints: one layout for every engine ----------------------------------------------
     def full_state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        weights = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
-                   for k, v in self.inner.model.state_dict().items()}
+        weights = {n: p.detach().float().cpu() for n, p in self.named_params()}
         return weights, self.optimizer.state_dict()
 
     def load_full_state(self, weights: dict[str, torch.Tensor], optimizer: dict) -> None:
-        self.inner.model.load_state_dict(weights)
+        with torch.no_grad():
+            for name, p in checked(self.named_params(), weights):
+                p.copy_(weights[name])
         self.optimizer.load_state_dict(optimizer)
 
 
-def _adam_state(step: torch.Tensor | float, moments: list[tuple[torch.Tensor, torch.Tensor]], group: dict) -> dict:
+def checked(named: list[tuple[str, torch.nn.Parameter]], weights: dict) -> list[tuple[str, torch.nn.Parameter]]:
+    """`named`, after checking that `weights` holds exactly these names (a checkpoint of another model or LoRA
+    setting is refused in one sentence)."""
+    missing = [n for n, _ in named if n not in weights]
+    extra = sorted(set(weights) - {n for n, _ in named})
+    if missing or extra:
+        what = f"lacks {missing[0]}" if missing else f"has {extra[0]}, which this model does not train"
+        raise CheckpointError(f"the checkpoint's weights do not match the trained parameters: it {what} "
+                              f"({len(missing)} missing, {len(extra)} unexpected); check model.lora.")
+    return named
+
+
+def adam_state(step: torch.Tensor | float, moments: list[tuple[torch.Tensor, torch.Tensor]], group: dict) -> dict:
     """torch's AdamW state_dict layout for parameters 0..n-1."""
     state = {i: {"step": torch.as_tensor(float(step)), "exp_avg": m, "exp_avg_sq": v} for i, (m, v) in
              enumerate(moments)}
     return {"state": state, "param_groups": [{**group, "params": list(range(len(moments)))}]}
 
 
-def _group_settings(optimizer) -> dict:
+def group_settings(optimizer) -> dict:
     return {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
 
 
@@ -180,18 +212,29 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         t, stage = self.training, self.spec.zero_stage
+        zero: dict = {"stage": stage}
+        pin = self.acc.device.type == "cuda"
+        for key in ("offload_optimizer", "offload_param"):
+            if getattr(t, key):
+                zero[key] = {"device": "cpu", "pin_memory": pin}
         config = {
             "train_micro_batch_size_per_gpu": micro_batch,
             "gradient_accumulation_steps": self.accum,
             "train_batch_size": micro_batch * self.accum * self.acc.num_processes,
-            "zero_optimization": {"stage": stage},
+            "zero_optimization": zero,
             "gradient_clipping": t.max_grad_norm or 0.0,
             "bf16": {"enabled": compute_dtype == torch.bfloat16, "check_grad_overflow": True},
             "data_types": {"grad_accum_dtype": "fp32"},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 2**31,
         }
-        opt = _adamw(self.params(), t.lr, t.betas, t.weight_decay)
+        if "offload_optimizer" in zero:  # AdamW on the CPU: DeepSpeed's vectorised CPUAdam (built on first use)
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            opt = DeepSpeedCPUAdam(self.params(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+                                   adamw_mode=True)
+        else:
+            opt = adamw(self.params(), t.lr, t.betas, t.weight_decay)
         self.module, self.optimizer, _, _ = deepspeed.initialize(model=policy, optimizer=opt, config=config)
         self.sharded = stage == 3
 
@@ -221,13 +264,13 @@ class DeepSpeedEngine(Engine):
     def full_state(self):
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-        named = list(self.inner.named_parameters())
-        weights = {n.removeprefix("model."): safe_get_full_fp32_param(p).float().cpu() for n, p in named}
+        named = self.named_params()
+        weights = {n: safe_get_full_fp32_param(p).float().cpu() for n, p in named}
         moments = [(safe_get_full_optimizer_state(p, "exp_avg").float().cpu(),
                     safe_get_full_optimizer_state(p, "exp_avg_sq").float().cpu()) for _, p in named]
         base = self.optimizer.optimizer
         step = next(iter(base.state.values()), {}).get("step", 0)
-        return weights, _adam_state(step, moments, _group_settings(base))
+        return weights, adam_state(step, moments, group_settings(base))
 
     def load_full_state(self, weights, optimizer) -> None:
         import deepspeed
@@ -235,16 +278,17 @@ class DeepSpeedEngine(Engine):
 
         base = self.optimizer.optimizer  # torch AdamW over this process's flat float32 partitions
         flats = [f for g in base.param_groups for f in g["params"]]
+        zero_step = 0 if type(base).__name__ == "DeepSpeedCPUAdam" else torch.tensor(0.0)  # CPUAdam counts in ints
         for flat in flats + list(getattr(self.optimizer, "fp32_partitioned_groups_flat", [])):
             if "exp_avg" not in base.state[flat]:  # created lazily at the first step: create it now
-                base.state[flat].update({"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
+                base.state[flat].update({"step": zero_step, "exp_avg": torch.zeros_like(flat),
                                          "exp_avg_sq": torch.zeros_like(flat)})
         link = getattr(self.optimizer, "_lazy_init_hp_params_optimizer_state", None)
         if link is not None:  # ZeRO-1/2 link the moments to parameters at the first step; do it now
             link()
         step = 0.0  # the AdamW step count, from the checkpoint's moments when it has any
-        for i, (name, p) in enumerate(self.inner.named_parameters()):
-            value = weights[name.removeprefix("model.")]
+        for i, (name, p) in enumerate(checked(self.named_params(), weights)):
+            value = weights[name]
             safe_set_full_fp32_param(p, value.to(p.device))
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=self.sharded):
                 if not self.sharded or self.acc.process_index == 0:
@@ -256,79 +300,22 @@ class DeepSpeedEngine(Engine):
                 step = entry["step"]
         for state in base.state.values():
             if "step" in state:
-                state["step"] = torch.as_tensor(float(step), dtype=state["step"].dtype) if torch.is_tensor(
-                    state["step"]) else float(step)
+                old = state["step"]
+                state["step"] = (torch.as_tensor(float(step), dtype=old.dtype) if torch.is_tensor(old)
+                                 else type(old)(float(step)))
 
 
-class FSDPEngine(Engine):
-    """FSDP2 (`torch.distributed.fsdp.fully_shard`): each transformer block, then the whole policy.
-    Parameters, gradients and optimizer state are sharded; forwards gather one block at a time."""
-
-    sharded = True
-
-    def setup(self, policy, micro_batch: int, compute_dtype: torch.dtype) -> None:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-        for block in policy.model.model.layers:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(policy, mp_policy=mp)
-        t = self.training
-        self.module = policy
-        self.optimizer = _adamw(self.params(), t.lr, t.betas, t.weight_decay)
-
-    def micro_context(self, last: bool):
-        # Gradients are reduce-scattered after every micro-batch: they stay sharded (less memory than
-        # accumulating unsharded ones) and `zero_grad` clears them when an update is skipped midway.
-        return contextlib.nullcontext()
-
-    def backward(self, loss: torch.Tensor, last: bool) -> None:
-        (loss / self.accum).backward()
-
-    def grad_norm(self) -> float:
-        norm = torch.nn.utils.clip_grad_norm_(self.params(), self.training.max_grad_norm or math.inf)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
-    def _reshard(self) -> None:
-        """Back to sharded parameters (a forward without backward leaves the root's gathered)."""
-        from torch.distributed.fsdp import FSDPModule
-
-        for m in self.module.modules():
-            if isinstance(m, FSDPModule):
-                m.reshard()
-
-    def full_state(self):
-        self._reshard()
-        named = list(self.inner.named_parameters())
-        weights = {n.removeprefix("model."): p.full_tensor().float().cpu() for n, p in named}
-        moments, step = [], 0
-        for _, p in named:
-            s = self.optimizer.state.get(p, {})
-            if not s:
-                return weights, self.optimizer.state_dict()  # before the first step: no moments yet
-            moments.append((s["exp_avg"].full_tensor().float().cpu(), s["exp_avg_sq"].full_tensor().float().cpu()))
-            step = s["step"]
-        return weights, _adam_state(step, moments, _group_settings(self.optimizer))
-
-    def load_full_state(self, weights, optimizer) -> None:
-        from torch.distributed.tensor import distribute_tensor
-
-        def shard(value, like):
-            return distribute_tensor(value.to(like.device, like.dtype), like.device_mesh, like.placements)
-
-        self._reshard()
-        for i, (name, p) in enumerate(self.inner.named_parameters()):
-            p.data.copy_(shard(weights[name.removeprefix("model.")], p))
-            entry = optimizer["state"].get(i) or optimizer["state"].get(str(i))
-            if entry:
-                self.optimizer.state[p] = {"step": torch.as_tensor(float(entry["step"])),
-                                           "exp_avg": shard(entry["exp_avg"], p),
-                                           "exp_avg_sq": shard(entry["exp_avg_sq"], p)}
+def transformer_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The URSATransformer inside `model` (itself, or the base of a peft LoRA model)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
 
 
 def build_engine(spec: EngineSpec, acc, policy, training, accum: int, micro_batch: int,
                  compute_dtype: torch.dtype) -> Engine:
     """The engine for `spec`, wrapping `policy` (an ImageLogits) and creating its AdamW optimiser."""
+    from .fsdp import FSDPEngine
+
     cls = {"ddp": Engine, "deepspeed": DeepSpeedEngine, "fsdp": FSDPEngine}[spec.kind]
     if spec.kind == "deepspeed":
         try:

@@ -8,6 +8,7 @@ stored in the compute dtype, and so is a LoRA policy's frozen base (peft keeps i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -67,6 +68,25 @@ def build_policy(transformer, model_cfg, kl_beta: float, compute_dtype: torch.dt
         if p.requires_grad:
             p.data = p.data.float()
     return model.train(), reference
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module):
+    """The LoRA policy `model` computes its frozen base inside (the KL reference): peft's `disable_adapter()` for
+    LoRA layers, but flipping only their `_disable_adapters` flag. peft's version also toggles the adapters'
+    `requires_grad`, which sharded engines record when they wrap the model (FSDP2 builds its unsharded parameters
+    from it, DeepSpeed its gradient hooks), so it is not touched here."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    saved = [m._disable_adapters for m in layers]
+    try:
+        for m in layers:
+            m._disable_adapters = True
+        yield
+    finally:
+        for m, flag in zip(layers, saved, strict=True):
+            m._disable_adapters = flag
 
 
 def micro_batch_logits(module: torch.nn.Module, m: MicroBatch, rollout_cfg) -> torch.Tensor:

@@ -2,7 +2,7 @@
 `udm-grpo train --check`, so that a config `--check` passes is one the trainer starts with.
 
 Checked: every key's rule and the cross-field checks of the config (`config.validate_config`, so a `Config`
-built in code is checked as one loaded from YAML), the engine and LoRA, the batch plan for the number of
+built in code is checked as one loaded from YAML), the engine and its offload keys, the batch plan for the number of
 processes, the reward's name and parameters, the model folder's layout, the rollout image size against the
 tokenizer's stride, the prompt sources (readable, non-empty, and records the reward can score) and the held-out
 set built from them. The trainer runs it before it sets anything up.
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config, validate_config
+from ..config.rules import offload_problem
 from ..data.prompts import load_prompts
 from ..errors import ConfigError, UserError
 from ..pipelines import model_folder
@@ -45,9 +46,9 @@ def check_start(cfg: Config, world: int, pipeline=None, reward_given: bool = Fal
 
     validate_config(cfg)
     spec = engine_spec(cfg.training.engine, cfg.training.zero_stage)
-    if cfg.model.lora is not None and spec.kind != "ddp":
-        raise UserError(f"model.lora trains under DDP only; this run's engine is {spec.describe()} "
-                        "(set training.engine: ddp or launch without a DeepSpeed/FSDP accelerate config).")
+    problem = offload_problem(spec.kind, spec.zero_stage, cfg.training.offload_optimizer, cfg.training.offload_param)
+    if problem:
+        raise ConfigError(problem)
     plan = plan_from_config(cfg, world)
     if not reward_given:
         check_reward(cfg.reward.name, cfg.reward.params)

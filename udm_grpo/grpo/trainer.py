@@ -30,6 +30,7 @@ from ..config import Config, save_resolved
 from ..data.prompts import PromptStream
 from ..errors import TrainingError, UserError
 from ..models.io import save_folder
+from ..models.lora import adapter_base_name, read_adapter_params, save_adapter
 from ..models.pipeline import URSAPipeline
 from .advantages import expand_prompts, group_advantages, group_stats
 from .checkpoint import begin_checkpoint, commit_checkpoint, load_checkpoint, resolve_checkpoint, write_rng
@@ -38,7 +39,7 @@ from .engine import build_engine, plain_accelerator_env, world_layout
 from .evaluation import summarise_eval
 from .logger import RunLogger, plot_curves
 from .objective import action_log_probs, grpo_loss, token_entropy
-from .policy import ImageLogits, MicroBatch, build_policy, micro_batch_logits
+from .policy import ImageLogits, MicroBatch, adapters_disabled, build_policy, micro_batch_logits
 from .preflight import check_start
 from .rollout import Rollout, rollout
 from .run_folder import RunFolder
@@ -77,6 +78,7 @@ class UDMGRPOTrainer:
             reward = build_reward(c.reward.name, c.reward.params, c.reward.weights, c.reward.normalize)
         self.reward = reward
         self.lora = c.model.lora is not None
+        self.base = adapter_base_name(c.model.path, start.folder)  # what a LoRA checkpoint names as its base
         self.model, self.reference = build_policy(self.pipe.transformer, c.model, c.reward.kl_beta, self.compute_dtype)
         self.engine = build_engine(self.spec, self.acc, ImageLogits(self.model), c.training,
                                    self.plan.grad_accum_steps, self.plan.micro_batch_size, self.compute_dtype)
@@ -177,7 +179,7 @@ class UDMGRPOTrainer:
 
     def _reference_logp(self, m: MicroBatch) -> torch.Tensor | None:
         if self.lora:
-            with self.engine.inner.model.disable_adapter():
+            with adapters_disabled(self.engine.inner.model):
                 return action_log_probs(self._policy_logits(m), m.actions)
         if self.reference is None:
             return None
@@ -205,7 +207,7 @@ class UDMGRPOTrainer:
                         self.engine.abort(loss)
                         return None
                     self.engine.backward(loss, last)
-                values["entropy"] = token_entropy(logits.detach().float()).mean().item()
+                values["entropy"] = token_entropy(logits.detach()).mean().item()
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v * weight
             grad_norm = self.engine.step(lr)
@@ -274,15 +276,12 @@ class UDMGRPOTrainer:
         self.acc.wait_for_everyone()
         write_rng(tmp, self.rank, {"generator": self.generator.get_state(), "torch": torch.get_rng_state()})
         model = self.engine.inner.model
-        if self.lora:
-            weights, opt_state = None, self.optimizer.state_dict()
-        else:
-            weights, opt_state = self.engine.full_state()  # every process takes part (gathers)
+        weights, opt_state = self.engine.full_state()  # every process takes part (gathers); LoRA: the adapters
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             state = {"step": self.step, "data": self.data.state(), "skipped": self.skipped,
                      "nonfinite": self.nonfinite, "world_size": self.world, "engine": self.spec.describe()}
-            write = (lambda d: model.save_pretrained(d / "adapter")) if self.lora else (
+            write = (lambda d: save_adapter(model, d / "adapter", weights, self.base)) if self.lora else (
                 lambda d: save_folder(d / "transformer", model.config.to_dict(), state=weights))
             commit_checkpoint(tmp, write, opt_state, state, self.cfg.experiment.keep_checkpoints)
         self.acc.wait_for_everyone()
@@ -301,17 +300,13 @@ class UDMGRPOTrainer:
         if state.get("world_size", 1) != self.world:
             raise UserError(f"{folder} was written by {state['world_size']} processes; resume with the same number.")
         if self.lora:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            set_peft_model_state_dict(self.engine.inner.model,
-                                      load_file(str(folder / "adapter" / "adapter_model.safetensors")))
-            self.optimizer.load_state_dict(opt_state)
+            names = [n for n, _ in self.engine.named_params()]
+            weights = read_adapter_params(self.engine.inner.model, folder / "adapter", names)
         else:
             from ..models.transformer import URSATransformer
 
-            loaded = URSATransformer.from_pretrained(folder / "transformer", dtype=torch.float32)
-            self.engine.load_full_state(loaded.state_dict(), opt_state)
+            weights = URSATransformer.from_pretrained(folder / "transformer", dtype=torch.float32).state_dict()
+        self.engine.load_full_state(weights, opt_state)  # every process: into its shards
         self.data.load_state(state["data"])
         self.step, self.skipped, self.nonfinite = state["step"], state["skipped"], state["nonfinite"]
         self.generator.set_state(rng["generator"])

@@ -93,7 +93,7 @@ def test_codebook_override_moves_the_logit_tables(capsys):
     assert large["params"] - small["params"] == 2 * (1024 - 256) * hidden  # lm head and embedding rows: K x hidden
     assert large["flops"]["total"] > small["flops"]["total"]
     assert main(["train", "--check", "--codebook", "1024"]) == 2
-    assert "--codebook and --json with --simulate" in capsys.readouterr().err
+    assert "--codebook, --json and --fit with --simulate" in capsys.readouterr().err
 
 
 def test_reused_rollouts_add_the_old_policy_pass(capsys):
@@ -160,3 +160,45 @@ def test_lora_trains_adapters_over_a_frozen_base(capsys):
     assert step["optimizer"] == 8 * t and step["masters"] == 4 * t and step["gradients"] == 4 * t
     assert step["weights"] == 4 * sim["params"] and "reference" not in step  # the base with adapters disabled
     assert "reference forward" in sim["phases"]
+
+
+def test_batch_scaling_matches_the_whole_simulation():
+    """`fit.Scaling` extrapolates each phase from batch 1 and 2; at batch 4 (mid shape, 8 blocks) it equals the
+    whole simulation within 2% (FLOPs exactly)."""
+    from dataclasses import replace
+
+    from udm_grpo.grpo.fit import Scaling
+    from udm_grpo.grpo.simulate import Iteration
+
+    tiny = json.loads((SHIPPED_MODEL / "transformer" / "config.json").read_text())
+    it = Iteration(URSAConfig.from_dict({**tiny, **MID}), {**VAE, "num_vq_embeddings": 4096}, 16, (8, 8), "ddp", 1,
+                   True, 1, False, True, None, 4, 4, 8, 2, 1, 4)
+    scaled = Scaling().phases(it)
+    whole = simulate_phases(**it.phase_args())
+    assert list(scaled) == list(whole)
+    for name in whole:
+        assert scaled[name].flops == pytest.approx(whole[name].flops, rel=1e-9), name
+        assert scaled[name].peak_bytes.get("act", 0) + scaled[name].peak_bytes.get("temp", 0) == pytest.approx(
+            whole[name].peak_bytes.get("act", 0) + whole[name].peak_bytes.get("temp", 0), rel=0.02), name
+    assert replace(it, micro_batch=2).calls()["training step"] == 8
+
+
+def test_fit_finds_a_plan_that_the_check_confirms(capsys):
+    """The overrides --fit prints make a config whose whole simulation fits the memory given; a memory no plan fits
+    is refused in one sentence naming the smallest plan (exit 2)."""
+    from udm_grpo.cli import main
+
+    base = ["train", "--check", "--simulate", "sampling.num_prompts_per_step=2", "sampling.num_images_per_prompt=4",
+            "training.micro_batch_size=8"]
+    assert main([*base, "--json"]) == 0
+    before = json.loads(capsys.readouterr().out)
+    memory = 0.9 * before["peak_bytes"]["total"] / 2**30  # the configured plan does not fit this
+    assert main([*base, "--fit", "--json", "--gpu-memory", f"{memory}"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["fits"] and plan["overrides"] and plan["peak_bytes"]["total"] <= memory * 2**30
+    assert main([*base, *plan["overrides"], "--json", "--gpu-memory", f"{memory}"]) == 0
+    assert json.loads(capsys.readouterr().out)["peak_bytes"]["total"] == plan["peak_bytes"]["total"]
+    assert main([*base, "--fit", "--gpu-memory", "0.001"]) == 2
+    err = capsys.readouterr().err
+    assert "no plan fits 1 x 0.001 GiB: the smallest needs" in err and "training.micro_batch_size=1" in err
+    assert main(["train", "--check", "--fit"]) == 2  # --fit goes with --simulate

@@ -47,6 +47,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "for the predicted time (default 0.4)")
     p.add_argument("--codebook", type=positive_int, default=None, metavar="K",
                    help="with --simulate: the codebook size K instead of the model's (K of URSA-1.7B is not confirmed)")
+    p.add_argument("--fit", action="store_true",
+                   help="with --simulate: search micro-batch, rollout batch, checkpointing level and offload (with "
+                   "--fit-lora also LoRA on and off) for the plan predicted fastest whose simulated peak fits "
+                   "--gpu-memory, and print its overrides (minutes at the 1.7B shape)")
+    p.add_argument("--fit-lora", action="store_true", help="with --fit: also try LoRA on and off")
     p.add_argument("--json", action="store_true", help="with --simulate: print one JSON object instead")
     p.add_argument("--print-template", action="store_true",
                    help="print a commented config with every key and exit (with --config or overrides: their values)")
@@ -89,6 +94,32 @@ def simulate_text(cfg, start, args) -> tuple[str, bool]:
                  f"{'fits' if fits else 'does NOT fit'} {args.gpu_memory / gib:.0f} GiB; predicted "
                  f"{seconds:.2f} s per iteration at {args.peak_tflops:g} TFLOP/s x {args.mfu:g} MFU (a prediction)")
     return "\n".join(lines), fits
+
+
+def fit_report(cfg, start, args) -> int:
+    """`--fit`: the fastest plan predicted to fit --gpu-memory, as overrides and its whole simulation (text or
+    JSON); UserError naming the smallest plan when none fits."""
+    import json
+
+    from ..errors import UserError
+    from ..grpo.fit import fit
+    from ..grpo.simulate import Iteration
+
+    it = Iteration.from_run(cfg, start.folder, start.index, start.plan, start.spec, args.codebook)
+    best, whole, smallest = fit(it, args.gpu_memory, args.peak_tflops * 1e12 * args.mfu, args.fit_lora)
+    where = f"{it.processes} x {args.gpu_memory / 2**30:.3g} GiB"
+    if best is None:
+        raise UserError(f"no plan fits {where}: the smallest needs {smallest.peak_bytes / 2**30:.2f} GiB per GPU, "
+                        f"with {' '.join(smallest.overrides(it)) or 'the configured settings'}.")
+    overrides = best.overrides(it)
+    if args.json:
+        print(json.dumps({"fits": True, "overrides": overrides, "predicted_seconds_per_iteration": best.seconds,
+                          "gpu_memory_bytes": args.gpu_memory, **whole}))
+        return 0
+    print(f"fastest plan that fits {where} (predicted at {args.peak_tflops:g} TFLOP/s x {args.mfu:g} MFU; "
+          f"{NOT_SIMULATED}):\n  {best.describe()}; whole simulation: peak {whole['peak_bytes']['total'] / 2**30:.2f} "
+          f"GiB in the {whole['peak_phase']}\n  overrides: {' '.join(overrides) or '(none: the config as it is)'}")
+    return 0
 
 
 def template_text(cfg=None) -> str:
@@ -142,6 +173,12 @@ def check(cfg, processes: int | None = None, args=None) -> int:
         return 0
     world = processes or int(os.environ.get("WORLD_SIZE", 1))
     start = check_start(cfg, world)
+    if start.folder is not None:
+        from ..grpo.simulate import shape_configs
+
+        shape_configs(start.folder)  # before printing anything: every shape key is there
+    if args is not None and args.fit:
+        return fit_report(cfg, start, args)
     if args is not None and args.simulate:
         text, fits = simulate_text(cfg, start, args)
         if args.json:
@@ -172,12 +209,13 @@ def memory_text(cfg, folder: Path, index: dict, spec, plan) -> tuple[str, float]
     """The memory estimate for the model in `folder` (its parsed model_index.json is `index`) and its total
     in GiB."""
     from ..grpo.memory import Shape, describe, estimate
-    from ..models.io import read_config
+    from ..grpo.simulate import shape_configs
     from ..models.pipeline import DEFAULT_PROMPT_LENGTH
     from ..models.transformer import URSAConfig
     from ..models.vae import vae_geometry
 
-    data, path = read_config(folder / "transformer", "transformer/")
+    data, _ = shape_configs(folder)
+    path = folder / "transformer" / "config.json"
     shape = Shape.from_config(URSAConfig.from_dict(data, str(path)))
     stride, _ = vae_geometry(folder / "vae")
     r = cfg.sampling.rollout
@@ -203,9 +241,10 @@ def run(args) -> int:
         raise UserError("--processes only plans a --check (a real run takes the number of processes from its "
                         "launcher, e.g. accelerate launch --num_processes N).")
     cfg, ckpt = resolve_config(args)
-    if args.simulate and not args.check or (args.codebook or args.json) and not args.simulate:
-        raise UserError("--simulate goes with --check, and --codebook and --json with --simulate "
-                        "(udm-grpo train --check --simulate [--codebook K] [--json]).")
+    if args.simulate and not args.check or (args.codebook or args.json or args.fit) and not args.simulate or \
+            args.fit_lora and not args.fit:
+        raise UserError("--simulate goes with --check, --codebook, --json and --fit with --simulate, and --fit-lora "
+                        "with --fit (udm-grpo train --check --simulate [--fit [--fit-lora]] [--codebook K] [--json]).")
     if args.check:
         return check(cfg, args.processes, args)
     from ..errors import TrainingError

@@ -20,13 +20,20 @@ FSDP2 the root unit (embeddings, image head, final norm: not resharded after the
 With LoRA the frozen base is the weights (cP, sharded under ZeRO-3 / FSDP2) and only the adapters have masters,
 gradients and moments. The frozen reference (kl_beta > 0, no LoRA) is a replicated copy in c: cP.
 
-`estimate` adds the transient memory from formulas: activations of one training micro-batch of b samples, S =
-L_text + 1 + N tokens, per layer and token (c bytes, SDPA attention, so no S x S scores): the block input d
-always; with checkpointing level 0 also attention (q, k, v, output) and the MLP (gate, up, product); level 1
-recomputes the MLP, level 2 also the qkv projection, level 3 the whole block. The logits dominate at large K:
-b N K x (c + 4 bytes of float32 log-softmax) x 2 (kept for backward). The rollout forward (no grad) holds b_r N K
-x c bytes of logits (x 2 with guidance). `udm-grpo train --check --simulate` measures these instead
-(`simulate.py`); docs/multinode.md compares the two.
+`estimate` adds the transient memory with formulas fitted to what `udm-grpo train --check --simulate` measures
+(`simulate.py`; docs/multinode.md compares the two; `activation_bytes_per_token_layer` lists the saved tensors).
+For c compute bytes, m bytes of the module the forwards read (4 for DDP's float32 masters under bf16 autocast,
+else c), b samples of S = L_text + 1 + N tokens, K codebook entries and hidden size d:
+- training step: the larger of the end of the forward (L layers x b S x the bytes each block saves for its
+  backward, the b N K x c logits, the head's b N d x (6 + 2m), and under autocast the c-byte copies of every
+  linear weight that autocast caches), the start of the backward (the same activations and head, the logits
+  and their gradient, the image head's weight gradient K d m, and of the autocast copies only those the
+  backward needs) and the end of the backward (the logits, which the entropy metric reads afterwards, and the
+  embedding table's gradient);
+- rollout step: the b_r N K x c logits (2 b_r rows under guidance, whose float32 mixture adds 16 b_r N K) plus
+  the sampler's float32 blocks and K x 256 tables, the autocast copies, and the path's resident K x 256 float32
+  tables (in every phase).
+Not counted: the tokenizer's weights and its decode (its own phase, measured by the simulation).
 """
 
 from __future__ import annotations
@@ -78,10 +85,14 @@ def engine_kind(kind: str, zero_stage: int) -> str:
 
 
 def engine_state(s: Shape, kind: str, world: int, bf16: bool, trainable: int | None = None,
-                 reference: bool = False) -> dict[str, tuple[float, float]]:
-    """Bytes per process the engine `kind` (`ENGINE_KINDS`) stores, category -> (outside the update, during the
-    training and optimizer steps); see the module docstring. `trainable`: LoRA's adapter parameters (None: a full
-    fine-tune)."""
+                 reference: bool = False, offload_optimizer: bool = False,
+                 offload_param: bool = False) -> dict[str, tuple[float, float]]:
+    """Bytes per process the engine `kind` (`ENGINE_KINDS`) stores on the GPU, category -> (outside the update,
+    during the training and optimizer steps); see the module docstring. `trainable`: LoRA's adapter parameters
+    (None: a full fine-tune). Offload (`training.offload_optimizer` / `offload_param`) moves to the CPU: DeepSpeed's
+    optimizer offload the masters, moments and float32 gradients (the compute-dtype gradients stay until reduced);
+    its parameter offload (ZeRO-3) the parameter shards; FSDP2's CPUOffloadPolicy (offload_param) the float32
+    shards, their gradients and moments."""
     p, w, c = s.params, max(1, world), 2 if bf16 else 4
     lora = trainable is not None
     t = trainable if lora else p
@@ -106,18 +117,40 @@ def engine_state(s: Shape, kind: str, world: int, bf16: bool, trainable: int | N
     elif kind == "fsdp":
         live = c * (s.root_params + 2 * s.block_params)
         gathered = (live, live + (0 if lora else (c + 4) * s.root_params))
+    if offload_optimizer and kind.startswith("zero"):
+        masters = moments = 0
+        grads = (0, c * t / (w if kind != "zero1" else 1) + bucket)
+    if offload_param and kind == "zero3":
+        weights = 0
+    if offload_param and kind == "fsdp":
+        masters = moments = 0
+        grads = (0, 0)
     out = {"weights": (weights, weights), "masters": (masters, masters), "gradients": grads,
            "optimizer": (moments, moments), "gathered": gathered,
            "reference": (c * p, c * p) if reference and not lora else (0, 0)}
     return {k: v for k, v in out.items() if v != (0, 0)}
 
 
-def activation_bytes_per_token_layer(s: Shape, level: int, c: int = 2) -> int:
-    attention = (s.heads + 2 * s.kv_heads) * s.head_dim + s.heads * s.head_dim + s.hidden
-    mlp = 3 * s.intermediate + s.hidden
-    keep = {0: attention + mlp, 1: attention, 2: s.heads * s.head_dim + (s.heads + 2 * s.kv_heads) * s.head_dim,
-            3: 0}[level]
-    return c * (s.hidden + keep)
+def activation_bytes_per_token_layer(s: Shape, level: int, c: int = 2, m: int | None = None) -> int:
+    """Bytes one block keeps for its backward per token at checkpointing `level`, compute dtype c bytes, module
+    (and residual stream) m bytes (default c). Level 1 (MLP recomputed): the two RMSNorms' float32 inputs and
+    c-byte outputs (2 + 4m per hidden unit with the residual kept for the MLP's recompute), q and k after their
+    norms, SDPA's q, repeated k and v, output and log-sum-exp, o_proj's input (4 + 5c per query unit, 4 + c per
+    key unit), RoPE's cos / sin and the norms' rsqrt; level 0 adds the post-attention norm and the SwiGLU's four
+    I-wide tensors; level 2 keeps the block input, the residual, SDPA's inputs and o_proj's input; level 3 the
+    block input. SDPA attention keeps no S x S scores."""
+    m = m or c
+    d, i, hd = s.hidden, s.intermediate, s.head_dim
+    q, kv = s.heads * hd, s.kv_heads * hd
+    small = m * hd + 8 * s.heads + 4 * s.kv_heads + 4  # cos / sin, log-sum-exp, the norms' rsqrt
+    level1 = (2 + 4 * m) * d + (4 + 5 * c) * q + (4 + c) * kv + small
+    return {0: level1 + (4 + m) * d + 4 * c * i + 4, 1: level1,
+            2: 2 * m * d + 4 * c * q + m * hd + 4 * s.heads, 3: m * d}[level]
+
+
+PATH_DIM = 256  # the metric path's table width (the tokenizer's codebook dimension; the IBQ VAE's vq_embed_dim)
+SAMPLER_BLOCKS = 2**27  # the draw's and the jump's float32 (1,024 x 4,096) blocks at their peak, bytes
+SAMPLER_PER_CODE = 1152  # ... plus their K x 256 tables, bytes per codebook entry
 
 
 def estimate(s: Shape, engine: str, zero_stage: int, world: int, bf16: bool, reference: bool, level: int,
@@ -126,16 +159,28 @@ def estimate(s: Shape, engine: str, zero_stage: int, world: int, bf16: bool, ref
     """GiB per GPU by item (see the module docstring); 'total' = the larger of the update's peak and the
     rollout's."""
     c = 2 if bf16 else 4
+    m = 4 if engine == "ddp" or not bf16 else c  # DDP's forwards read the float32 masters under autocast
     state = engine_state(s, engine_kind(engine, zero_stage), world, bf16, 0 if lora else None, reference)
-    seq = text_tokens + 1 + image_tokens
-    act = micro_batch * seq * s.layers * activation_bytes_per_token_layer(s, level, c)
-    logits = micro_batch * image_tokens * s.codebook * (c + 4) * 2
-    rollout = rollout_batch * image_tokens * s.codebook * c * (2 if guidance else 1)
-    gib = {k: v[1] / GB for k, v in state.items()}
-    gib.update({"training activations (one micro-batch)": act / GB, "training logits (one micro-batch)": logits / GB,
-                "rollout logits (one forward)": rollout / GB})
-    outside = sum(v[0] for v in state.values()) + rollout
-    gib["total"] = max(sum(v[1] for v in state.values()) + act + logits, outside) / GB
+    b, n, k, d, layers = micro_batch, image_tokens, s.codebook, s.hidden, s.layers
+    attention = d * 2 * (s.heads + s.kv_heads) * s.head_dim
+    saved = {0: s.block_params, 1: attention, 2: d * s.heads * s.head_dim, 3: 0}[level]
+    casts = c * (layers * s.block_params + k * d) if m != c else 0  # autocast's copies of the linear weights
+    act = b * (text_tokens + 1 + n) * layers * activation_bytes_per_token_layer(s, level, c, m)
+    logits, head = b * n * k * c, b * n * d * (6 + 2 * m)
+    forward = casts + logits + head
+    backward = (c * layers * saved if m != c else 0) + 2 * logits + head + (0 if lora else k * d * m)
+    train = max(act + max(forward, backward), logits + (0 if lora else s.largest_module * m))
+    rows = rollout_batch * (2 if guidance else 1)
+    rollout = casts + max(rows * n * k * c + (16 * rollout_batch * n * k if guidance else
+                                              SAMPLER_BLOCKS + SAMPLER_PER_CODE * k),
+                          rows * (text_tokens + 1 + n) * (3 * s.intermediate * c + 2 * d * m))
+    path = k * (2 * PATH_DIM + 1) * 4
+    gib = {key: v[1] / GB for key, v in state.items()}
+    gib.update({"path tables (K x 256 float32, x 2)": path / GB, "training activations (one micro-batch)": act / GB,
+                "training logits and temporaries": (train - act) / GB, "rollout logits and sampler (one step)":
+                rollout / GB})
+    outside = sum(v[0] for v in state.values()) + path + rollout
+    gib["total"] = max(sum(v[1] for v in state.values()) + path + train, outside) / GB
     return gib
 
 

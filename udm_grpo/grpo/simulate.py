@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 from dataclasses import dataclass
 from unittest import mock
 
@@ -159,12 +160,13 @@ def simulate_phases(config: URSAConfig, micro_batch: int, rollout_batch: int, te
                     grid: tuple[int, int], bf16: bool = True, gradient_checkpointing: int = 1,
                     guidance: bool = False, reference: bool = False, old_policy: bool = False,
                     accumulating: bool = True, fake: bool = True, seed: int = 0, vae: dict | None = None,
-                    lora: dict | None = None, module_dtype: torch.dtype | None = None) -> dict[str, PhaseFigures]:
+                    lora: dict | None = None, module_dtype: torch.dtype | None = None,
+                    only: tuple[str, ...] | None = None) -> dict[str, PhaseFigures]:
     """FLOPs and peak bytes of each phase for one process (see the module docstring). `reference`: a frozen copy in
     the compute dtype is live throughout ("reference" bytes, out of "param"); `accumulating`: gradients of earlier
     micro-batches are live during the training step; `vae`: the tokenizer's config.json (adds the decode phase and
     sizes the path embedding); `module_dtype`: the dtype of the module the forwards read (default float32 masters
-    under autocast, as DDP runs; bf16 for DeepSpeed's and FSDP2's compute copies)."""
+    under autocast, as DDP runs; bf16 for DeepSpeed's and FSDP2's compute copies); `only`: these phases only."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
     from torch.utils.flop_counter import FlopCounterMode
@@ -200,10 +202,17 @@ def simulate_phases(config: URSAConfig, micro_batch: int, rollout_batch: int, te
                  ("pipeline", "buffer", _nbytes(*tokenizer.buffers()) if tokenizer else 0)]
 
         def phase(name, fn):
+            if only is not None and name not in only:
+                return
             tracker = MemTracker()
             tracker.track_external(*(m for m in (model, optimizer, frozen, tokenizer) if m is not None))
-            with _frozen_parameters_tracked(), tracker, FlopCounterMode(display=False) as counter:
-                extra = fn(counter) or 0.0
+            gc.collect()  # a phase starts clean and frees only by reference counts: the same peak every run
+            gc.disable()
+            try:
+                with _frozen_parameters_tracked(), tracker, FlopCounterMode(display=False) as counter:
+                    extra = fn(counter) or 0.0
+            finally:
+                gc.enable()
             peak = _peak(tracker)
             peak["pipeline"] = resident  # the path tables exist before the tracker starts
             peak["total"] += resident
@@ -284,54 +293,120 @@ def gpu_memory_bytes(value: str) -> int:
     return int(gib * 2**30)
 
 
-def _sizes(cfg, folder, index: dict, codebook: int | None):
-    """(URSAConfig with `codebook` as K, vae config.json, text tokens, token grid) of the model folder."""
+SHAPE_KEYS = {"transformer": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                               "num_key_value_heads", "head_dim", "lm_vocab_size", "lm_head_size", "vocab_size"),
+              "AutoencoderVQ": ("block_out_channels", "num_vq_embeddings", "vq_embed_dim"),
+              "PatchVQ": ("patch_size", "num_vq_embeddings")}
+
+
+def shape_configs(folder) -> tuple[dict, dict]:
+    """(transformer/config.json, vae/config.json) of a model folder, each holding every key that sets a shape
+    (`SHAPE_KEYS`): without weights, a default would silently stand in for the model's size. ConfigError naming
+    the file and key otherwise."""
+    from ..errors import ConfigError
     from ..models.io import read_config
-    from ..models.pipeline import DEFAULT_PROMPT_LENGTH, token_grid
-    from ..models.vae import vae_geometry
 
-    data, path = read_config(folder / "transformer", "transformer/")
-    if codebook:
-        data = {**data, "lm_head_size": codebook, "vocab_size": data["lm_vocab_size"] + codebook}
-    vae, _ = read_config(folder / "vae", "vae/")
-    if codebook:
-        vae = {**vae, "num_vq_embeddings": codebook}
-    stride, size = vae_geometry(folder / "vae")
-    r = cfg.sampling.rollout
-    return (URSAConfig.from_dict(data, str(path)), vae, int(index.get("_max_prompt_length", DEFAULT_PROMPT_LENGTH)),
-            token_grid(r.height, r.width, stride, size))
+    out = []
+    for sub in ("transformer", "vae"):
+        data, path = read_config(folder / sub, f"{sub}/")
+        kind = "transformer" if sub == "transformer" else data.get("_class_name", "AutoencoderVQ")
+        missing = [key for key in SHAPE_KEYS.get(kind, ()) if key not in data]
+        if missing:
+            raise ConfigError(f"{path}: key '{missing[0]}' is missing; the simulation and the memory estimate read "
+                              "the model's shape from it (config files only, no weights).")
+        out.append(data)
+    return out[0], out[1]
 
 
-def simulate_iteration(cfg, folder, index: dict, plan, spec, codebook: int | None = None) -> dict:
-    """One process's first training iteration of the run config `cfg` on the model in `folder` (config files
-    only; `index` its model_index.json) under the batch `plan` and engine `spec`. Returns "params",
-    "trainable_params", "codebook", "engine", "flops" (phase -> FLOPs per iteration: the rollout step x sampling
-    steps x rollout calls, the training step x micro-batches x updates, ...; "total"), "peak_bytes" (category ->
-    bytes at the peak phase, "total"), "peak_phase" and "phases" (each phase's "flops" and "peak_bytes").
-    A phase's bytes are what the engine stores then (`memory.engine_state`) plus the transient bytes measured.
-    `codebook` replaces the model's codebook size K."""
-    from .memory import Shape, engine_kind, engine_state
+@dataclass(frozen=True)
+class Iteration:
+    """What one process runs in one training iteration, from a run config and its model folder's config files."""
 
-    config, vae, text, grid = _sizes(cfg, folder, index, codebook)
-    kind = engine_kind(spec.kind, spec.zero_stage)
-    r, lora = cfg.sampling.rollout, cfg.model.lora
-    rollout_batch = r.batch_size or plan.images_per_process
-    reference = cfg.reward.kl_beta > 0
-    phases = simulate_phases(config, plan.micro_batch_size, rollout_batch, text, grid, cfg.bf16,
-                             cfg.model.gradient_checkpointing, r.guidance_scale != 1.0, reference=reference,
-                             old_policy=cfg.training.updates_per_rollout > 1, vae=vae, lora=lora,
-                             module_dtype=torch.bfloat16 if cfg.bf16 and kind != "ddp" else None)
-    shape = Shape.from_config(config)
-    trainable = sum(p.numel() for p in build_policy_model(config, torch.float32, lora, True).parameters()
-                    if p.requires_grad) if lora is not None else shape.params
-    state = engine_state(shape, kind, plan.num_processes, cfg.bf16, trainable if lora is not None else None,
-                         reference)
-    calls = {"rollout step": r.num_inference_steps * -(-plan.images_per_process // rollout_batch),
-             "rollout decode": -(-plan.images_per_process // rollout_batch),
-             "reference forward": plan.grad_accum_steps, "old-policy forward": plan.grad_accum_steps,
-             "training step": plan.grad_accum_steps * cfg.training.updates_per_rollout,
-             "optimizer step": cfg.training.updates_per_rollout}
-    out = {}
+    config: URSAConfig
+    vae: dict
+    text_tokens: int
+    grid: tuple[int, int]
+    engine: str  # memory.ENGINE_KINDS
+    processes: int
+    bf16: bool
+    level: int
+    guidance: bool
+    reference: bool
+    lora: dict | None
+    micro_batch: int
+    rollout_batch: int
+    images: int  # per process
+    train_steps: int
+    updates: int
+    sampling_steps: int
+    offload_optimizer: bool = False
+    offload_param: bool = False
+
+    @classmethod
+    def from_run(cls, cfg, folder, index: dict, plan, spec, codebook: int | None = None) -> Iteration:
+        """From the run config `cfg`, its model `folder` (config files only; `index` its model_index.json), the
+        batch `plan` and engine `spec`; `codebook` replaces the model's codebook size K."""
+        from ..models.pipeline import DEFAULT_PROMPT_LENGTH, token_grid
+        from ..models.vae import vae_geometry
+        from .memory import engine_kind
+
+        data, vae = shape_configs(folder)
+        path = folder / "transformer" / "config.json"
+        if codebook:
+            data = {**data, "lm_head_size": codebook, "vocab_size": data["lm_vocab_size"] + codebook}
+            vae = {**vae, "num_vq_embeddings": codebook}
+        r, t = cfg.sampling.rollout, cfg.training
+        return cls(URSAConfig.from_dict(data, str(path)), vae,
+                   int(index.get("_max_prompt_length", DEFAULT_PROMPT_LENGTH)),
+                   token_grid(r.height, r.width, *vae_geometry(folder / "vae")),
+                   engine_kind(spec.kind, spec.zero_stage), plan.num_processes, cfg.bf16,
+                   cfg.model.gradient_checkpointing, r.guidance_scale != 1.0,
+                   cfg.reward.kl_beta > 0, cfg.model.lora, plan.micro_batch_size,
+                   min(r.batch_size or plan.images_per_process, plan.images_per_process), plan.images_per_process,
+                   plan.train_steps, t.updates_per_rollout, r.num_inference_steps,
+                   getattr(t, "offload_optimizer", False), getattr(t, "offload_param", False))
+
+    @property
+    def module_dtype(self) -> torch.dtype | None:
+        """The dtype of the module the forwards read: DeepSpeed's and FSDP2's compute copies in bf16."""
+        return torch.bfloat16 if self.bf16 and self.engine != "ddp" else None
+
+    def phase_args(self) -> dict:
+        """`simulate_phases` keyword arguments."""
+        return dict(config=self.config, micro_batch=self.micro_batch, rollout_batch=self.rollout_batch,
+                    text_tokens=self.text_tokens, grid=self.grid, bf16=self.bf16, gradient_checkpointing=self.level,
+                    guidance=self.guidance, reference=self.reference, old_policy=self.updates > 1, vae=self.vae,
+                    lora=self.lora, module_dtype=self.module_dtype)
+
+    def calls(self) -> dict[str, int]:
+        """How often each phase runs per iteration."""
+        rollouts = -(-self.images // self.rollout_batch)
+        accum = self.images // self.micro_batch * self.train_steps
+        return {"rollout step": self.sampling_steps * rollouts, "rollout decode": rollouts,
+                "reference forward": accum, "old-policy forward": accum, "training step": accum * self.updates,
+                "optimizer step": self.updates}
+
+
+_SHAPES: dict[str, tuple] = {}  # (URSAConfig, LoRA) -> (memory.Shape, trainable parameters)
+
+
+def iteration_figures(it: Iteration, phases: dict[str, PhaseFigures]) -> dict:
+    """The iteration from its phases' figures (`simulate_phases`, one call each): "params", "trainable_params",
+    "codebook", "engine", "processes", "flops" (phase -> FLOPs per iteration, "total"), "peak_bytes" (category ->
+    bytes at the peak phase, "total"), "peak_phase" and "phases" (each phase's "flops" and "peak_bytes"). A phase's
+    bytes are what the engine stores then (`memory.engine_state`) plus the transient bytes measured."""
+    from .memory import Shape, engine_state
+
+    key = repr((it.config, it.lora))
+    if key not in _SHAPES:
+        shape = Shape.from_config(it.config)
+        _SHAPES[key] = shape, shape.params if it.lora is None else sum(
+            p.numel() for p in build_policy_model(it.config, torch.float32, it.lora, True).parameters()
+            if p.requires_grad)
+    shape, trainable = _SHAPES[key]
+    state = engine_state(shape, it.engine, it.processes, it.bf16, None if it.lora is None else trainable,
+                         it.reference, it.offload_optimizer, it.offload_param)
+    calls, out = it.calls(), {}
     for name, fig in phases.items():
         update = name in ("training step", "optimizer step")
         peak = {key: int(v[update]) for key, v in state.items() if v[update]}
@@ -340,6 +415,13 @@ def simulate_iteration(cfg, folder, index: dict, plan, spec, codebook: int | Non
         out[name] = {"flops": fig.flops * calls[name], "peak_bytes": peak}
     flops = {name: phase["flops"] for name, phase in out.items()}
     peak_phase = max(out, key=lambda name: out[name]["peak_bytes"]["total"])
-    return {"params": shape.params, "trainable_params": trainable, "codebook": config.lm_head_size,
-            "engine": kind, "processes": plan.num_processes, "flops": {**flops, "total": sum(flops.values())},
+    return {"params": shape.params, "trainable_params": trainable, "codebook": it.config.lm_head_size,
+            "engine": it.engine, "processes": it.processes, "flops": {**flops, "total": sum(flops.values())},
             "peak_bytes": out[peak_phase]["peak_bytes"], "peak_phase": peak_phase, "phases": out}
+
+
+def simulate_iteration(cfg, folder, index: dict, plan, spec, codebook: int | None = None) -> dict:
+    """One process's first training iteration of the run config `cfg` (see `Iteration.from_run`) simulated phase by
+    phase at the model's full shape; see `iteration_figures` for the keys."""
+    it = Iteration.from_run(cfg, folder, index, plan, spec, codebook)
+    return iteration_figures(it, simulate_phases(**it.phase_args()))

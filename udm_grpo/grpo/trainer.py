@@ -56,7 +56,7 @@ class UDMGRPOTrainer:
 
     def __init__(self, config: Config, pipeline: URSAPipeline | None = None, reward=None, accelerator=None,
                  progress: bool = True):
-        from accelerate import Accelerator
+        from accelerate import Accelerator, DistributedDataParallelKwargs
 
         self.cfg, c = config, config
         world = accelerator.num_processes if accelerator else int(os.environ.get("WORLD_SIZE", 1))
@@ -65,7 +65,8 @@ class UDMGRPOTrainer:
         with plain_accelerator_env():
             self.acc = accelerator or Accelerator(
                 cpu=not torch.cuda.is_available(),
-                mixed_precision=c.training.mixed_precision if self.spec.kind == "ddp" else "no")
+                mixed_precision=c.training.mixed_precision if self.spec.kind == "ddp" else "no",
+                kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)])
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.progress = progress and self.acc.is_main_process
         self.compute_dtype = torch.bfloat16 if c.bf16 else torch.float32

@@ -43,10 +43,10 @@ How the official formulation is modelled (shared/docs/reference-behaviour.md; se
   reference, 3.5), VAE decode, rewards, the stored rollout states, allocator fragmentation, CUDA workspaces.
 - Ours' sampler is simulate.py's, with its stand-ins (every token jumps: an upper bound; one row chunk counted
   and its FLOPs extrapolated to the others, "sampler (extrapolated)" below).
-- FLOPs are FlopCounterMode's: matrix products and attention only (softmax, exp and the draws are elementwise
-  and not counted; simulate.py registers torch's SDPA formulas for the CPU attention kernel that fake CPU tensors
-  run, so attention is counted on both sides). Consumers are told by shapes (`_category`): lm head, sampler
-  (distances to the codebook), MLP, attention (SDPA) and attention projections.
+- FLOPs are simulate.py's `FlopCount` (torch's formulas): matrix products and attention only (softmax, exp and
+  the draws are elementwise and not counted; simulate.py registers torch's SDPA formulas for the CPU attention
+  kernel that fake CPU tensors run, so attention is counted on both sides). Consumers are told by shapes
+  (`_category`): lm head, sampler (distances to the codebook), MLP, attention (SDPA) and attention projections.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from udm_grpo.grpo.simulate import PhaseFigures, _peak, simulate_phases  # noqa: E402
+from udm_grpo.grpo.simulate import FlopCount, PhaseFigures, _peak, simulate_phases  # noqa: E402
 from udm_grpo.models.transformer import URSAConfig, URSATransformer, rope_positions  # noqa: E402
 
 GIB = 2**30
@@ -188,7 +188,6 @@ def simulate_official(config: URSAConfig, micro_batch: int, rollout_batch: int, 
     policy module the forwards read (default float32 masters under autocast; bf16 for DeepSpeed's)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
-    from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(seed)
     figures: dict[str, PhaseFigures] = {}
@@ -213,7 +212,7 @@ def simulate_official(config: URSAConfig, micro_batch: int, rollout_batch: int, 
         def phase(name, fn):
             tracker = MemTracker()
             tracker.track_external(*(m for m in (model, optimizer, frozen) if m is not None))
-            with tracker, FlopCounterMode(display=False) as counter:
+            with tracker, FlopCount() as counter:
                 fn()
             peak = _peak(tracker)
             if frozen_bytes:
@@ -310,7 +309,7 @@ def _category(op: str, args: tuple, out: torch.Tensor | None, config: URSAConfig
 
 @contextlib.contextmanager
 def counted_flops(config: URSAConfig, path_dim: int):
-    """While active, each op every FlopCounterMode made counts is appended
+    """While active, each op every FlopCount counts is appended
     to the yielded list as (counter, category, flops), in order."""
     from torch.utils import flop_counter
 
@@ -321,7 +320,7 @@ def counted_flops(config: URSAConfig, path_dim: int):
     def recording(op, formula):
         def count(*args, out_val=None, **kwargs):
             flops = formula(*args, out_val=out_val, **kwargs)
-            counter = sys._getframe(1).f_locals.get("self")  # FlopCounterMode._count_flops calls the formula
+            counter = sys._getframe(1).f_locals.get("self")  # FlopCount.__torch_dispatch__ calls the formula
             events.append((counter, _category(str(op), args, out_val, config, path_dim), int(flops)))
             return flops
         return count

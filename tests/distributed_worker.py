@@ -4,8 +4,12 @@
         [ENGINE [CHECKPOINT]]
 
 ENGINE: ddp (default), fsdp, or deepspeed-<ZeRO stage>, each optionally with +KEY (training.KEY: true, e.g.
-+offload_optimizer). RECIPE "lora" trains LoRA adapters ("lora-bf16" on a bf16 base). CHECKPOINT: resume from
-it and train one more step.
++offload_optimizer). RECIPE "lora" trains LoRA adapters ("lora-bf16" on a bf16 base), "bf16" the full model in
+bf16 compute. CHECKPOINT: resume from it and train one more step.
+
+With UDM_GRPO_ENGINE_STATE=1 in the environment the run takes three steps and each process writes
+OUT/state.rank<R>.json: the bytes of the distinct storages the engine holds by category during the first update
+(its backwards and the moment before its optimizer step) and after it and `zero_grad`; see `measure_update`.
 
 Randomness is made independent of the process layout (each image's rollout and training states drawn
 with generators seeded by its global index and the step; the Reduced-Step start drawn alike on every
@@ -40,6 +44,8 @@ RECIPES = {
              "model.lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
 }
 RECIPES["lora-bf16"] = {**RECIPES["lora"], "model.dtype": "bfloat16"}  # a bf16 frozen base, float32 adapters
+RECIPES["bf16"] = {**RECIPES["default"], "model.dtype": "bfloat16"}  # float32 masters, bf16 compute
+MEASURE_STATE = os.environ.get("UDM_GRPO_ENGINE_STATE") == "1"
 
 
 def layout_free_rollout():
@@ -125,6 +131,131 @@ def engine_facts(engine) -> dict:
     return facts
 
 
+def _category(path: str) -> str:
+    """A DeepSpeed buffer's category from its attribute path (bit16 / fp16 / lp: the module's weights)."""
+    path = path.lower()
+    if "grad" in path or "ipg" in path:
+        return "gradients"
+    if "fp32" in path:
+        return "masters"
+    return "weights" if "16" in path or "lp_param" in path else "other"
+
+
+def held_storages(engine, reference=None) -> dict[int, tuple[str, str, int, object]]:
+    """The storages the engine holds on this process: data_ptr -> (category, where found, bytes, weak reference),
+    each storage once (whole, alignment padding included), first found first: masters (the tensors the optimizer
+    steps), weights (the module's parameters not stepped: a compute-dtype copy or a frozen base; ZeRO-3's
+    partitions `ds_tensor`), gathered (parameters held whole beside their shards: ZeRO-3's, FSDP2's), gradients
+    (`.grad`), optimizer (AdamW state), then the tensors in DeepSpeed's optimizer by attribute name (`_category`),
+    and the frozen reference."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    found: dict[int, tuple[str, str, int, object]] = {}
+
+    def add(category: str, where: str, t) -> None:
+        if not torch.is_tensor(t) or t.is_meta:  # meta tensors (DeepSpeed's shape records) hold no memory
+            return
+        storage = (t.to_local() if hasattr(t, "to_local") else t).untyped_storage()  # FSDP2: the local shard
+        if storage.nbytes() and storage.data_ptr() not in found:
+            found[storage.data_ptr()] = (category, where, storage.nbytes(), StorageWeakRef(storage))
+
+    def walk(obj, path: str, depth: int, seen: set) -> None:
+        if torch.is_tensor(obj):
+            add(_category(path), path, obj)
+            return
+        if depth > 5 or id(obj) in seen or isinstance(obj, torch.nn.Module):
+            return
+        seen.add(id(obj))
+        if isinstance(obj, dict):
+            items = [(path, v) for v in obj.values()]
+        elif isinstance(obj, (list, tuple)):
+            items = [(path, v) for v in obj]
+        elif type(obj).__module__.startswith("deepspeed"):
+            items = [(f"{path}.{k}" if path else k, v) for k, v in vars(obj).items()]
+        else:
+            return
+        for where, value in items:
+            walk(value, where, depth + 1, seen)
+
+    wrapper = engine.optimizer
+    opt = getattr(wrapper, "optimizer", wrapper)  # accelerate's or DeepSpeed's wrapped torch optimizer
+    stepped = [p for g in opt.param_groups for p in g["params"]]
+    module = list(engine.inner.parameters())
+    for p in stepped:
+        add("masters", "optimizer's parameters", p)
+    fsdp = any(hasattr(p, "to_local") for p in stepped)
+    for p in module:  # FSDP2 swaps a unit's gathered parameters into the module while it computes
+        if not fsdp or hasattr(p, "to_local"):
+            add("weights", "module's parameters", getattr(p, "ds_tensor", p))
+    for p in module:
+        add("gathered", "parameters held whole (ZeRO-3's gathered and persistent, FSDP2's unsharded)", p)
+    for p in stepped + module:
+        add("gradients", ".grad", p.grad)
+    for state in opt.state.values():
+        for key, value in state.items():
+            add("optimizer", f"AdamW {key}", value)
+    if wrapper is not opt and type(wrapper).__module__.startswith("deepspeed"):
+        walk(wrapper, "", 0, set())
+    for p in reference.parameters() if reference is not None else ():
+        add("reference", "frozen reference", p)
+    return found
+
+
+def measure_update(tr, out: Path) -> None:
+    """Wrap the engine's `backward` and `step`: the storages held after each backward of the second completed
+    update (the steady state) and just before its optimizer step ("update": the point with the most bytes) and
+    after the step and `zero_grad` ("outside"), by category, to OUT/state.rank<R>.json. A storage seen during the
+    update that no reachable place holds afterwards yet is still alive (DDP's gradient buckets, held by its
+    reducer) counts as held outside the update."""
+    engine = tr.engine
+    real_step, real_backward = engine.step, engine.backward
+    points: list[dict] = []
+    steps: list = []
+
+    def totals(found: dict) -> tuple[dict, dict]:
+        by_category: dict[str, int] = {}
+        by_place: dict[str, int] = {}
+        for category, where, size, _ in found.values():
+            by_category[category] = by_category.get(category, 0) + size
+            by_place[f"{category}: {where}"] = by_place.get(f"{category}: {where}", 0) + size
+        return by_category, by_place
+
+    def backward(loss, last):
+        hooks = [p.register_post_accumulate_grad_hook(lambda _: points.append(held_storages(engine, tr.reference)))
+                 for p in engine.params()]  # inside the backward: DeepSpeed's reduce buckets
+        real_backward(loss, last)
+        for hook in hooks:
+            hook.remove()
+        points.append(held_storages(engine, tr.reference))
+
+    def step(lr):
+        if not steps:  # the first update makes the gradients' storage: measure the steady state, the second
+            steps.append(real_step(lr))
+            points.clear()
+            return steps[0]
+        points.append(held_storages(engine, tr.reference))
+        norm = real_step(lr)
+        engine.zero_grad()
+        after = held_storages(engine, tr.reference)
+        for point in points:
+            for ptr, (category, where, _, ref) in point.items():
+                if ptr not in after and not ref.expired():  # its size now: FSDP2 frees by resizing to 0
+                    size = torch.UntypedStorage._new_with_weak_ptr(ref.cdata).nbytes()
+                    if size:
+                        after[ptr] = (category, f"{where}, held by the engine", size, ref)
+        update = max(points, key=lambda found: sum(size for _, _, size, _ in found.values()))
+        (update, update_places), (outside, outside_places) = totals(update), totals(after)
+        count = lambda ps: sum(getattr(p, "ds_numel", None) or p.numel() for p in ps)  # noqa: E731
+        (out / f"state.rank{RANK}.json").write_text(json.dumps({
+            "rank": RANK, "world": WORLD, "trained": count(engine.params()), "total": count(engine.inner.parameters()),
+            "update": update, "outside": outside, "places": {"update": update_places, "outside": outside_places},
+            "points": [totals(point)[0] for point in points]}))
+        engine.step, engine.backward = real_step, real_backward
+        return norm
+
+    engine.step, engine.backward = step, backward
+
+
 def main(out: Path, recipe: str, engine: str = "ddp", resume: str | None = None) -> None:
     torch.set_num_threads(1)
     trainer_mod.rollout = layout_free_rollout()
@@ -134,8 +265,12 @@ def main(out: Path, recipe: str, engine: str = "ddp", resume: str | None = None)
         "experiment.eval_every": 3, "experiment.num_eval_prompts": 1, **engine_overrides(engine)})
     if resume:
         cfg.training.max_steps, cfg.experiment.resume_from_checkpoint = 4, resume
+    if MEASURE_STATE:
+        cfg.training.max_steps = 3  # the second is skipped (a non-finite loss): the third update is measured
     tr = trainer(cfg, Brightness())
     trainer_mod.grpo_loss = nan_on_last_process(tr)
+    if MEASURE_STATE:
+        measure_update(tr, out)
     tr.train()
     if RANK == 0:
         (out / "engine.json").write_text(json.dumps(engine_facts(tr.engine)))

@@ -72,8 +72,8 @@ def test_reference_and_accumulated_gradients_are_counted():
         assert phase.peak_bytes["reference"] == 2 * params and phase.peak_bytes["param"] == 4 * params, name
         assert phase.flops == real[name].flops and phase.peak_bytes["reference"] == real[name].peak_bytes["reference"]
     assert sim["reference forward"].flops == sim["old-policy forward"].flops  # 4 rows each
-    assert real["training step"].peak_bytes["grad"] >= 4 * params  # a full float32 gradient is live
-    assert sim["training step"].peak_bytes["grad"] >= 0.95 * 4 * params  # (fake: one small gradient is replaced)
+    for run in (real, sim):  # a full float32 gradient is live (at the peak one small gradient may be replaced)
+        assert run["training step"].peak_bytes["grad"] >= 0.95 * 4 * params
     first = simulate_phases(config, 4, 4, 16, (8, 8), accumulating=False, fake=False)
     assert first["training step"].peak_bytes.get("grad", 0) < real["training step"].peak_bytes["grad"]
 
@@ -202,3 +202,15 @@ def test_fit_finds_a_plan_that_the_check_confirms(capsys):
     err = capsys.readouterr().err
     assert "no plan fits 1 x 0.001 GiB: the smallest needs" in err and "training.micro_batch_size=1" in err
     assert main(["train", "--check", "--fit"]) == 2  # --fit goes with --simulate
+
+
+def test_more_checkpointing_keeps_less():
+    """Each checkpointing level keeps less for the backward than the one before, and recomputes more (the counter
+    of FLOPs must not hold the recomputed tensors)."""
+    tiny = json.loads((SHIPPED_MODEL / "transformer" / "config.json").read_text())
+    config = URSAConfig.from_dict({**tiny, **MID})
+    runs = [simulate_phases(config, 4, 4, 16, (8, 8), gradient_checkpointing=level, only=("training step",))
+            ["training step"] for level in range(4)]
+    kept = [run.peak_bytes.get("act", 0) + run.peak_bytes.get("temp", 0) for run in runs]
+    assert kept == sorted(kept, reverse=True) and kept[3] < kept[1], kept
+    assert [run.flops for run in runs] == sorted(run.flops for run in runs), [run.flops for run in runs]

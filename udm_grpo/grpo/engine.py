@@ -144,7 +144,9 @@ class Engine:
         self.acc.backward(loss / self.accum)
 
     def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        # Under DDP the gradients are views of its buckets (gradient_as_bucket_view): zeroed in place, the no_sync
+        # micro-batches accumulate into them; set to None, each would first get a gradient of its own.
+        self.optimizer.zero_grad(set_to_none=self.spec.kind != "ddp" or self.acc.num_processes == 1)
 
     def abort(self, loss: torch.Tensor) -> None:
         """Drop the update in progress (a process had a non-finite loss); called on every process."""

@@ -4,36 +4,44 @@ What each engine stores per process, for P parameters (T trainable; T = P withou
 compute dtype of c bytes (2 for bf16, 4 for float32), in bytes (`engine_state`; "update" = the training and
 optimizer steps):
 
-    engine   weights the forwards read   float32 masters  gradients (other phases / update)    AdamW moments
-    DDP      the masters (autocast)      4T               4T if W > 1 (buckets) / 4T            8T
-    ZeRO-1   cP (module in c)            4T / W           4T (fp32 accumulation) / 4T + cT      8T / W
-    ZeRO-2   cP                          4T / W           0 / (4 + c) T / W + reduce bucket     8T / W
-    ZeRO-3   cP / W + gathered           4T / W           0 / (4 + c) T / W + bucket + gathered 8T / W
-    FSDP2    gathered (c)                the shards 4T/W  0 / 4T / W + (c + 4) x root           8T / W
+    engine   weights the forwards read   float32 masters  gradients (other phases / update)              AdamW moments
+    DDP      the masters (autocast)      4T               W > 1: 4T (buckets) / 4T; W = 1: 0 / 4T        8T
+    ZeRO-1   cP (module in c)            4T / W           4T (fp32 accumulation) / 4T + cT                8T / W
+    ZeRO-2   cP                          4T / W           0 / (4 + c) T / W + reduce bucket               8T / W
+    ZeRO-3   cP / W + gathered           4T / W           4T / W + bucket / (4 + c) T / W + bucket + gath. 8T / W
+    FSDP2    gathered (c)                the shards 4T/W  0 / 4T / W + (c + 4) x root                     8T / W
 
-DDP uses gradient buckets as the gradients' storage (`gradient_as_bucket_view`), so W > 1 keeps 4T between
-updates. DeepSpeed ZeRO-1 with bf16 and float32 accumulation is its BF16_Optimizer: a full float32 gradient
-buffer. The reduce bucket is DeepSpeed's default reduce_bucket_size (5e8 elements in c). "Gathered" is what a
-sharded engine holds unsharded at once: ZeRO-3 the largest module plus its prefetch bucket (5e7 elements);
-FSDP2 the root unit (embeddings, image head, final norm: not resharded after the forward) plus two blocks
-(current and prefetched), and in the backward the root's unsharded gradient in c and in float32 (reduce dtype).
-With LoRA the frozen base is the weights (cP, sharded under ZeRO-3 / FSDP2) and only the adapters have masters,
-gradients and moments. The frozen reference (kl_beta > 0, no LoRA) is a replicated copy in c: cP.
+DDP uses gradient buckets as the gradients' storage (`gradient_as_bucket_view`), zeroed in place between updates,
+so W > 1 keeps 4T throughout and the `no_sync` micro-batches accumulate into them (only the first update, before
+the gradients become bucket views, holds fresh `.grad` tensors beside the buckets: 8T). DeepSpeed ZeRO-1
+with bf16 and float32 accumulation is its BF16_Optimizer: a full float32 gradient buffer. The reduce bucket is
+DeepSpeed's default reduce_bucket_size, 5e8 elements in c whatever the model's size: ZeRO-2 allocates it for each
+backward, ZeRO-3 once at setup and keeps it between updates with its float32 gradient partitions (4T / W).
+"Gathered" is what a sharded engine holds unsharded at once: ZeRO-3 the largest module plus its prefetch bucket
+(5e7 elements); FSDP2 the root unit (embeddings, image head, final norm: not resharded after the forward) plus
+two blocks (current and prefetched), and in the backward the root's unsharded gradient in c and in float32
+(reduce dtype).
+With LoRA the frozen base is the weights (cP, sharded under ZeRO-3 / FSDP2; DeepSpeed's module also holds the
+adapters in c) and only the adapters have masters, gradients and moments, sharded like a full fine-tune's (not
+under DDP). The frozen reference (kl_beta > 0, no LoRA) is a replicated copy in c: cP. tests/test_engine_state.py
+measures what the engines hold (2 CPU processes, the tiny shape) against `engine_state`.
 
 `estimate` adds the transient memory with formulas fitted to what `udm-grpo train --check --simulate` measures
 (`simulate.py`; docs/multinode.md compares the two; `activation_bytes_per_token_layer` lists the saved tensors).
 For c compute bytes, m bytes of the module the forwards read (4 for DDP's float32 masters under bf16 autocast,
 else c), b samples of S = L_text + 1 + N tokens, K codebook entries and hidden size d:
 - training step: the larger of the end of the forward (L layers x b S x the bytes each block saves for its
-  backward, the b N K x c logits, the head's b N d x (6 + 2m), and under autocast the c-byte copies of every
-  linear weight that autocast caches), the start of the backward (the same activations and head, the logits
-  and their gradient, the image head's weight gradient K d m, and of the autocast copies only those the
-  backward needs) and the end of the backward (the logits, which the entropy metric reads afterwards, and the
-  embedding table's gradient);
+  backward, the b N K x c logits, the head's b N d x (6 + 2m), a float32 row block of the log-probs, and under
+  autocast the c-byte copies of every linear weight that autocast caches), the start of the backward (the same
+  activations and head, the logits and their gradient, the larger of two row blocks and the image head's weight
+  gradient K d m, and of the autocast copies only those the backward needs) and the end of the backward (the
+  logits, which the entropy metric reads afterwards, and the embedding table's gradient);
 - rollout step: the b_r N K x c logits (2 b_r rows under guidance, whose float32 mixture adds 16 b_r N K) plus
   the sampler's float32 blocks and K x 256 tables, the autocast copies, and the path's resident K x 256 float32
   tables (in every phase).
-Not counted: the tokenizer's weights and its decode (its own phase, measured by the simulation).
+Autocast does not cache its copies of frozen weights (LoRA's base): those are made one at a time. LoRA's blocks
+are counted with a full fine-tune's saved tensors (about 7% above the simulation at level 1). Not counted: the
+tokenizer's weights and its decode (its own phase, measured by the simulation).
 """
 
 from __future__ import annotations
@@ -97,17 +105,20 @@ def engine_state(s: Shape, kind: str, world: int, bf16: bool, trainable: int | N
     lora = trainable is not None
     t = trainable if lora else p
     sharded = kind in ("zero3", "fsdp")
-    weights = c * p / w if kind == "zero3" or lora and sharded else 0 if kind in ("ddp", "fsdp") and not lora \
-        else c * p
-    masters = 4 * t / (1 if kind == "ddp" or lora else w)
-    moments = 8 * t / (1 if kind == "ddp" or lora else w)
-    bucket = c * min(t, REDUCE_BUCKET)
-    if kind == "ddp":
-        grads = (4 * t if w > 1 else 0, 4 * t)
+    module = c * (p + (t if lora and kind.startswith("zero") else 0))  # DeepSpeed casts LoRA's adapters to c too
+    weights = module / w if kind == "zero3" or lora and sharded else 0 if kind in ("ddp", "fsdp") and not lora \
+        else module
+    masters = 4 * t / (1 if kind == "ddp" else w)
+    moments = 8 * t / (1 if kind == "ddp" else w)
+    bucket = c * REDUCE_BUCKET  # allocated whole, however few the trainable parameters
+    if kind == "ddp":  # W > 1: the buckets, which the gradients are views of (zeroed in place between updates)
+        grads = (4 * t, 4 * t) if w > 1 else (0, 4 * t)
     elif kind == "zero1":
         grads = (4 * t, 4 * t + c * t)
-    elif kind in ("zero2", "zero3"):
+    elif kind == "zero2":
         grads = (0, (4 + c) * t / w + bucket)
+    elif kind == "zero3":  # the float32 gradient partitions and the bucket stay between updates
+        grads = (4 * t / w + bucket, (4 + c) * t / w + bucket)
     else:
         grads = (0, 4 * t / w)
     gathered = (0.0, 0.0)
@@ -118,8 +129,8 @@ def engine_state(s: Shape, kind: str, world: int, bf16: bool, trainable: int | N
         live = c * (s.root_params + 2 * s.block_params)
         gathered = (live, live + (0 if lora else (c + 4) * s.root_params))
     if offload_optimizer and kind.startswith("zero"):
-        masters = moments = 0
-        grads = (0, c * t / (w if kind != "zero1" else 1) + bucket)
+        masters = moments = 0  # ZeRO-3's gradient partitions go to the CPU too, its bucket stays
+        grads = (bucket if kind == "zero3" else 0, c * t / (w if kind != "zero1" else 1) + bucket)
     if offload_param and kind == "zero3":
         weights = 0
     if offload_param and kind == "fsdp":
@@ -151,6 +162,7 @@ def activation_bytes_per_token_layer(s: Shape, level: int, c: int = 2, m: int | 
 PATH_DIM = 256  # the metric path's table width (the tokenizer's codebook dimension; the IBQ VAE's vq_embed_dim)
 SAMPLER_BLOCKS = 2**27  # the draw's and the jump's float32 (1,024 x 4,096) blocks at their peak, bytes
 SAMPLER_PER_CODE = 1152  # ... plus their K x 256 tables, bytes per codebook entry
+LOGPROB_BLOCK = 2**24  # elements of `objective.action_log_probs`' row blocks
 
 
 def estimate(s: Shape, engine: str, zero_stage: int, world: int, bf16: bool, reference: bool, level: int,
@@ -164,16 +176,20 @@ def estimate(s: Shape, engine: str, zero_stage: int, world: int, bf16: bool, ref
     b, n, k, d, layers = micro_batch, image_tokens, s.codebook, s.hidden, s.layers
     attention = d * 2 * (s.heads + s.kv_heads) * s.head_dim
     saved = {0: s.block_params, 1: attention, 2: d * s.heads * s.head_dim, 3: 0}[level]
-    casts = c * (layers * s.block_params + k * d) if m != c else 0  # autocast's copies of the linear weights
+    # autocast's c-byte copies of the linear weights: cached through the forward when trained, made one at a time
+    # when frozen (LoRA's base); the backward keeps those it needs
+    kept = c * layers * saved if m != c else 0
+    casts = kept if lora else c * (layers * s.block_params + k * d) if m != c else 0
     act = b * (text_tokens + 1 + n) * layers * activation_bytes_per_token_layer(s, level, c, m)
     logits, head = b * n * k * c, b * n * d * (6 + 2 * m)
-    forward = casts + logits + head
-    backward = (c * layers * saved if m != c else 0) + 2 * logits + head + (0 if lora else k * d * m)
+    block = 4 * min(b * n * k, LOGPROB_BLOCK)  # a float32 row block of the log-probs (one in the forward, two after)
+    forward = casts + logits + head + block
+    backward = kept + 2 * logits + head + max(2 * block, 0 if lora else k * d * m)
     train = max(act + max(forward, backward), logits + (0 if lora else s.largest_module * m))
     rows = rollout_batch * (2 if guidance else 1)
-    rollout = casts + max(rows * n * k * c + (16 * rollout_batch * n * k if guidance else
-                                              SAMPLER_BLOCKS + SAMPLER_PER_CODE * k),
-                          rows * (text_tokens + 1 + n) * (3 * s.intermediate * c + 2 * d * m))
+    draw = 16 * rollout_batch * n * k if guidance else SAMPLER_BLOCKS + SAMPLER_PER_CODE * k
+    rollout = (c * k * d if lora and m != c else casts) + max(
+        rows * n * k * c + draw, rows * (text_tokens + 1 + n) * (3 * s.intermediate * c + 2 * d * m))
     path = k * (2 * PATH_DIM + 1) * 4
     gib = {key: v[1] / GB for key, v in state.items()}
     gib.update({"path tables (K x 256 float32, x 2)": path / GB, "training activations (one micro-batch)": act / GB,

@@ -1,5 +1,6 @@
 """The policy's phases at any model shape without the memory: torch's fake tensors (shapes and dtypes, no
-storage) run the real code, `FlopCounterMode` counts FLOPs per op and `MemTracker` the live bytes by category.
+storage) run the real code, `FlopCount` counts FLOPs per op (torch's formulas) and `MemTracker` the live bytes by
+category.
 
 `simulate_phases(config, ...)` builds a random URSA transformer of `config`'s shape (fake unless `fake=False`,
 which runs the same program for real: the tests compare the two) and runs one process's view of:
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from unittest import mock
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..diffusion import categorical, paths
 from ..models.transformer import URSAConfig, URSATransformer
@@ -56,6 +58,30 @@ def _count_cpu_attention() -> None:
 
 
 _count_cpu_attention()
+
+
+class FlopCount(TorchDispatchMode):
+    """FLOPs of the ops run under it, by torch's formulas (`flop_counter.flop_registry`). FlopCounterMode's module
+    tracking holds the tensors that checkpointing recomputes until the backward ends, which inflates the bytes
+    measured beside it at checkpointing levels 2 and 3; this counter holds nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def get_total_flops(self) -> int:
+        return self.total
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.utils.flop_counter import flop_registry
+
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
+
 PHASES = ("rollout step", "rollout decode", "reference forward", "old-policy forward", "training step",
           "optimizer step")
 TRANSIENT = {"act": "activations", "temp": "temporaries", "buffer": "buffers", "pipeline": "tokenizer and path"}
@@ -63,7 +89,7 @@ TRANSIENT = {"act": "activations", "temp": "temporaries", "buffer": "buffers", "
 
 @dataclass
 class PhaseFigures:
-    """One phase: `flops` counted by FlopCounterMode, `peak_bytes` the live bytes at the phase's peak by MemTracker
+    """One phase: `flops` counted by `FlopCount`, `peak_bytes` the live bytes at the phase's peak by MemTracker
     category ("param", "buffer", "grad", "act", "temp", "opt", plus "reference" and "pipeline") and "total"."""
 
     flops: float
@@ -169,7 +195,6 @@ def simulate_phases(config: URSAConfig, micro_batch: int, rollout_batch: int, te
     under autocast, as DDP runs; bf16 for DeepSpeed's and FSDP2's compute copies); `only`: these phases only."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
-    from torch.utils.flop_counter import FlopCounterMode
 
     from ..diffusion.categorical import sample_logits
     from ..diffusion.sampler import guided_logits
@@ -209,7 +234,7 @@ def simulate_phases(config: URSAConfig, micro_batch: int, rollout_batch: int, te
             gc.collect()  # a phase starts clean and frees only by reference counts: the same peak every run
             gc.disable()
             try:
-                with _frozen_parameters_tracked(), tracker, FlopCounterMode(display=False) as counter:
+                with _frozen_parameters_tracked(), tracker, FlopCount() as counter:
                     extra = fn(counter) or 0.0
             finally:
                 gc.enable()

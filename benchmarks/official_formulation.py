@@ -64,7 +64,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from udm_grpo.grpo.simulate import FlopCount, PhaseFigures, _peak, simulate_phases  # noqa: E402
+from udm_grpo.grpo.simulate import PhaseFigures, measure, simulate_phases, steady_adamw  # noqa: E402
 from udm_grpo.models.transformer import URSAConfig, URSATransformer, rope_positions  # noqa: E402
 
 GIB = 2**30
@@ -187,7 +187,6 @@ def simulate_official(config: URSAConfig, micro_batch: int, rollout_batch: int, 
     "reference forward" (one of its passes), "training step", "optimizer step". `module_dtype`: the dtype of the
     policy module the forwards read (default float32 masters under autocast; bf16 for DeepSpeed's)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
 
     torch.manual_seed(seed)
     figures: dict[str, PhaseFigures] = {}
@@ -197,11 +196,7 @@ def simulate_official(config: URSAConfig, micro_batch: int, rollout_batch: int, 
     with FakeTensorMode() if fake else contextlib.nullcontext():
         model = _built_in(module_dtype or torch.float32, config)
         model.set_gradient_checkpointing(gradient_checkpointing)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=False)
-        for p in model.parameters():  # steady state: the AdamW moments are live
-            p.grad = torch.zeros_like(p)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer = steady_adamw(list(model.parameters()))
         frozen = _built_in(compute, config) if reference else None
         frozen_bytes = sum(p.numel() * p.element_size() for p in frozen.parameters()) if frozen else 0
         raw = torch.randn(k, path_dim, dtype=torch.float16)  # the scheduler's fp16 path.emb, and its unit rows
@@ -210,15 +205,11 @@ def simulate_official(config: URSAConfig, micro_batch: int, rollout_batch: int, 
         resident = sum(t.numel() * t.element_size() for t in (raw, emb, sq_norm))
 
         def phase(name, fn):
-            tracker = MemTracker()
-            tracker.track_external(*(m for m in (model, optimizer, frozen) if m is not None))
-            with tracker, FlopCount() as counter:
-                fn()
-            peak = _peak(tracker)
+            flops, peak = measure(lambda counter: fn(), model, optimizer, frozen)
             if frozen_bytes:
                 peak["param"], peak["reference"] = peak["param"] - frozen_bytes, frozen_bytes
             peak["pipeline"], peak["total"] = peak.get("pipeline", 0) + resident, peak["total"] + resident
-            figures[name] = PhaseFigures(float(counter.get_total_flops()), peak)
+            figures[name] = PhaseFigures(flops, peak)
 
         def tokens(rows):
             return torch.zeros(rows, text_tokens, dtype=torch.long), torch.randint(0, k, (rows, n))

@@ -103,6 +103,34 @@ def _peak(tracker) -> dict[str, int]:
     return {k: v for k, v in out.items() if v or k == "total"}
 
 
+def steady_adamw(params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
+    """AdamW over `params` after one step, as from the second iteration on: its moments are live."""
+    optimizer = torch.optim.AdamW(params, lr=1e-6, foreach=False)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return optimizer
+
+
+def measure(fn, *tracked) -> tuple[float, dict[str, int]]:
+    """(FLOPs, peak live bytes by MemTracker category and "total") of `fn(counter)`, which may return FLOPs to add;
+    `tracked`: modules and optimizers whose tensors count (None skipped). The garbage collector is held: a phase
+    starts clean and frees only by reference counts, so every run gives the same peak."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    tracker.track_external(*(m for m in tracked if m is not None))
+    gc.collect()
+    gc.disable()
+    try:
+        with _frozen_parameters_tracked(), tracker, FlopCount() as counter:
+            extra = fn(counter) or 0.0
+    finally:
+        gc.enable()
+    return float(counter.get_total_flops()) + extra, _peak(tracker)
+
+
 def _nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -194,7 +222,6 @@ def simulate_phases(config: URSAConfig, micro_batch: int, rollout_batch: int, te
     sizes the path embedding); `module_dtype`: the dtype of the module the forwards read (default float32 masters
     under autocast, as DDP runs; bf16 for DeepSpeed's and FSDP2's compute copies); `only`: these phases only."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
 
     from ..diffusion.categorical import sample_logits
     from ..diffusion.sampler import guided_logits
@@ -211,11 +238,7 @@ def simulate_phases(config: URSAConfig, micro_batch: int, rollout_batch: int, te
         else:
             model.set_gradient_checkpointing(gradient_checkpointing)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=1e-6, foreach=False)
-        for p in trainable:  # one step first: from the second iteration on the AdamW moments are live
-            p.grad = torch.zeros_like(p)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer = steady_adamw(trainable)
         frozen = build_policy_model(config, compute, None, fake).requires_grad_(False) \
             if reference and lora is None else None
         tokenizer = _vae(vae) if vae else None
@@ -229,22 +252,13 @@ def simulate_phases(config: URSAConfig, micro_batch: int, rollout_batch: int, te
         def phase(name, fn):
             if only is not None and name not in only:
                 return
-            tracker = MemTracker()
-            tracker.track_external(*(m for m in (model, optimizer, frozen, tokenizer) if m is not None))
-            gc.collect()  # a phase starts clean and frees only by reference counts: the same peak every run
-            gc.disable()
-            try:
-                with _frozen_parameters_tracked(), tracker, FlopCount() as counter:
-                    extra = fn(counter) or 0.0
-            finally:
-                gc.enable()
-            peak = _peak(tracker)
+            flops, peak = measure(fn, model, optimizer, frozen, tokenizer)
             peak["pipeline"] = resident  # the path tables exist before the tracker starts
             peak["total"] += resident
             for key, source, size in named:  # tracked as parameters or buffers: named apart
                 peak[source] -= size
                 peak[key] = peak.get(key, 0) + size
-            figures[name] = PhaseFigures(float(counter.get_total_flops()) + extra, {k: v for k, v in peak.items() if v})
+            figures[name] = PhaseFigures(flops, {k: v for k, v in peak.items() if v})
 
         def tokens(rows):
             return torch.zeros(rows, text_tokens, dtype=torch.long), torch.randint(0, k, (rows, n))

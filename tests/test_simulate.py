@@ -200,7 +200,8 @@ def test_fit_finds_a_plan_that_the_check_confirms(capsys):
     assert json.loads(capsys.readouterr().out)["peak_bytes"]["total"] == plan["peak_bytes"]["total"]
     assert main([*base, "--fit", "--gpu-memory", "0.001"]) == 2
     err = capsys.readouterr().err
-    assert "no plan fits 1 x 0.001 GiB: the smallest needs" in err and "training.micro_batch_size=1" in err
+    assert "no plan fits 1 x 0.001 GiB (0.0009 GiB usable with --headroom 0.1): the smallest needs" in err
+    assert "training.micro_batch_size=1" in err
     assert main(["train", "--check", "--fit"]) == 2  # --fit goes with --simulate
 
 

@@ -40,6 +40,13 @@ def finite_float(text: str) -> float:
     return _number(float, text, None, "a finite number")
 
 
+def fraction(text: str) -> float:
+    value = _number(float, text, 0.0, "a fraction in [0, 1)")
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
+
+
 def guidance_float(text: str) -> float:
     return _number(float, text, 1.0, "a finite guidance scale >= 1")
 

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from ..recipes import TINY_WORLD_LAYER
-from .common import positive_float, positive_int
+from .common import fraction, positive_float, positive_int
 
 DEFAULT_CONFIG = TINY_WORLD_LAYER
 ROOT_TEMPLATE = Path(__file__).resolve().parents[2] / "configs" / "template.yaml"  # in a source checkout
@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "predicted seconds per iteration, for the configured engine and --processes. " + NOT_SIMULATED)
     p.add_argument("--gpu-memory", default="h100", type=_gpu_memory, metavar="GIB|PRESET",
                    help="with --simulate: GiB per GPU, or h200, h100, a100-80, l40s, a100-40, rtx4090 (default h100)")
+    p.add_argument("--headroom", type=fraction, default=0.1, metavar="FRACTION",
+                   help="with --simulate: the share of --gpu-memory kept free for what is not simulated (reward "
+                   "models, allocator fragmentation, CUDA workspaces, communication buffers); default 0.1")
     p.add_argument("--peak-tflops", type=positive_float, default=989.0,
                    help="with --simulate: the GPU's peak TFLOP/s in the compute dtype (default 989, H100 bf16)")
     p.add_argument("--mfu", type=positive_float, default=0.4, help="with --simulate: model FLOPs utilisation assumed "
@@ -77,10 +80,11 @@ def simulate_text(cfg, start, args) -> tuple[str, bool]:
     from ..grpo.simulate import simulate_iteration
 
     sim = simulate_iteration(cfg, start.folder, start.index, start.plan, start.spec, args.codebook)
-    fits = sim["peak_bytes"]["total"] <= args.gpu_memory
+    usable = args.gpu_memory * (1 - args.headroom)
+    fits = sim["peak_bytes"]["total"] <= usable
     seconds = sim["flops"]["total"] / (args.peak_tflops * 1e12 * args.mfu)
     if args.json:
-        return json.dumps({**sim, "gpu_memory_bytes": args.gpu_memory, "fits": fits,
+        return json.dumps({**sim, "gpu_memory_bytes": args.gpu_memory, "usable_bytes": int(usable), "fits": fits,
                            "predicted_seconds_per_iteration": seconds}), fits
     gib = 2**30
     lines = [f"simulation on fake tensors ({sim['params'] / 1e6:,.1f}M parameters, "
@@ -91,7 +95,8 @@ def simulate_text(cfg, start, args) -> tuple[str, bool]:
         lines.append(f"  {name:18s} {phase['flops'] / 1e12:10.2f} TFLOP per iteration, peak "
                      f"{phase['peak_bytes']['total'] / gib:8.2f} GiB ({parts})")
     lines.append(f"  peak {sim['peak_bytes']['total'] / gib:.2f} GiB in the {sim['peak_phase']}: "
-                 f"{'fits' if fits else 'does NOT fit'} {args.gpu_memory / gib:.0f} GiB; predicted "
+                 f"{'fits' if fits else 'does NOT fit'} {usable / gib:.1f} GiB ({args.gpu_memory / gib:.0f} GiB less "
+                 f"--headroom {args.headroom:g}); predicted "
                  f"{seconds:.2f} s per iteration at {args.peak_tflops:g} TFLOP/s x {args.mfu:g} MFU (a prediction)")
     return "\n".join(lines), fits
 
@@ -106,15 +111,17 @@ def fit_report(cfg, start, args) -> int:
     from ..grpo.simulate import Iteration
 
     it = Iteration.from_run(cfg, start.folder, start.index, start.plan, start.spec, args.codebook)
-    best, whole, smallest = fit(it, args.gpu_memory, args.peak_tflops * 1e12 * args.mfu, args.fit_lora)
-    where = f"{it.processes} x {args.gpu_memory / 2**30:.3g} GiB"
+    usable = int(args.gpu_memory * (1 - args.headroom))
+    best, whole, smallest = fit(it, usable, args.peak_tflops * 1e12 * args.mfu, args.fit_lora)
+    where = f"{it.processes} x {args.gpu_memory / 2**30:.3g} GiB ({usable / 2**30:.3g} GiB usable with --headroom " \
+        f"{args.headroom:g})"
     if best is None:
         raise UserError(f"no plan fits {where}: the smallest needs {smallest.peak_bytes / 2**30:.2f} GiB per GPU, "
                         f"with {' '.join(smallest.overrides(it)) or 'the configured settings'}.")
     overrides = best.overrides(it)
     if args.json:
         print(json.dumps({"fits": True, "overrides": overrides, "predicted_seconds_per_iteration": best.seconds,
-                          "gpu_memory_bytes": args.gpu_memory, **whole}))
+                          "gpu_memory_bytes": args.gpu_memory, "usable_bytes": usable, **whole}))
         return 0
     print(f"fastest plan that fits {where} (predicted at {args.peak_tflops:g} TFLOP/s x {args.mfu:g} MFU; "
           f"{NOT_SIMULATED}):\n  {best.describe()}; whole simulation: peak {whole['peak_bytes']['total'] / 2**30:.2f} "

@@ -1,8 +1,9 @@
 """The fit table of docs/multinode.md: each paper recipe (GenEval, PickScore, OCR) x (full fine-tune, LoRA) x
 (1 x 24 GiB, 1 x 48 GiB, 1 x 80 GiB, 8 x 80 GiB) at the URSA-1.7B shape, searched as `udm-grpo train --check
 --simulate --fit` searches (`udm_grpo.grpo.fit`; 10% of each GPU kept free, its default --headroom): fits or not,
-the overrides, the peak per GPU and the predicted seconds per iteration at 989 TFLOP/s x 40% MFU (H100 bf16). One GPU starts from DDP, 8 GPUs from the paper's
-DeepSpeed ZeRO-2; the offloading engines are searched beside them. LoRA is peft's r 16 on q, k, v, o.
+the overrides, the peak per GPU and the predicted seconds per iteration at 989 TFLOP/s x 40% MFU (H100 bf16).
+One GPU starts from DDP, 8 GPUs from the paper's DeepSpeed ZeRO-2; the offloading engines are searched beside
+them. LoRA is peft's r 16 on q, k, v, o.
 
     python benchmarks/fit_table.py [--codebook 131072] [--markdown]
 

@@ -64,7 +64,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from udm_grpo.grpo.simulate import PhaseFigures, measure, simulate_phases, steady_adamw  # noqa: E402
+from udm_grpo.grpo.simulate import PhaseFigures, build_policy_model, measure, simulate_phases, steady_adamw  # noqa: E402
 from udm_grpo.models.transformer import URSAConfig, URSATransformer, rope_positions  # noqa: E402
 
 GIB = 2**30
@@ -194,10 +194,10 @@ def simulate_official(config: URSAConfig, micro_batch: int, rollout_batch: int, 
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     n, k = grid[0] * grid[1], config.lm_head_size
     with FakeTensorMode() if fake else contextlib.nullcontext():
-        model = _built_in(module_dtype or torch.float32, config)
+        model = build_policy_model(config, module_dtype or torch.float32, None, fake)
         model.set_gradient_checkpointing(gradient_checkpointing)
         optimizer = steady_adamw(list(model.parameters()))
-        frozen = _built_in(compute, config) if reference else None
+        frozen = build_policy_model(config, compute, None, fake) if reference else None
         frozen_bytes = sum(p.numel() * p.element_size() for p in frozen.parameters()) if frozen else 0
         raw = torch.randn(k, path_dim, dtype=torch.float16)  # the scheduler's fp16 path.emb, and its unit rows
         emb = torch.nn.functional.normalize(raw.float(), dim=-1).half()
@@ -260,16 +260,6 @@ def simulate_official(config: URSAConfig, micro_batch: int, rollout_batch: int, 
         phase("training step", train)
         phase("optimizer step", optimizer.step)
     return figures
-
-
-def _built_in(dtype: torch.dtype, config: URSAConfig) -> URSATransformer:
-    """A transformer of `config` with parameters in `dtype` (the frozen bf16 reference)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        return URSATransformer(config)
-    finally:
-        torch.set_default_dtype(previous)
 
 
 # -- FLOPs by consumer ---------------------------------------------------------------------------------------------

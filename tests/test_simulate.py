@@ -215,3 +215,23 @@ def test_more_checkpointing_keeps_less():
     kept = [run.peak_bytes.get("act", 0) + run.peak_bytes.get("temp", 0) for run in runs]
     assert kept == sorted(kept, reverse=True) and kept[3] < kept[1], kept
     assert [run.flops for run in runs] == sorted(run.flops for run in runs), [run.flops for run in runs]
+
+
+def test_a_model_folder_missing_a_shape_key_is_refused(tmp_path, capsys):
+    """Config files only: a key that sets the model's size must be there (named with its file, exit 2); head_dim may
+    be absent, as in the reference's config.json (Qwen3's default, as the loader takes it)."""
+    import shutil
+
+    from udm_grpo.cli import main
+
+    folder = tmp_path / "model"
+    shutil.copytree(SHIPPED_MODEL, folder)
+    config = folder / "transformer" / "config.json"
+    data = json.loads(config.read_text())
+    config.write_text(json.dumps({k: v for k, v in data.items() if k != "head_dim"}))
+    assert main(["train", "--check", f"model.path={folder}"]) == 0
+    capsys.readouterr()
+    config.write_text(json.dumps({k: v for k, v in data.items() if k != "lm_head_size"}))
+    assert main(["train", "--check", f"model.path={folder}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{config}: key 'lm_head_size' is missing" in err and err.count("\n") == 1

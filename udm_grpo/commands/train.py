@@ -73,6 +73,11 @@ def _gpu_memory(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _budget(args) -> tuple[int, float]:
+    """(bytes of --gpu-memory a plan may use: less --headroom, the FLOP/s an iteration runs at: peak x MFU)."""
+    return int(args.gpu_memory * (1 - args.headroom)), args.peak_tflops * 1e12 * args.mfu
+
+
 def simulate_text(cfg, start, args) -> tuple[str, bool]:
     """The --simulate report (text, or one JSON object with --json) and whether the peak fits --gpu-memory."""
     import json
@@ -80,11 +85,11 @@ def simulate_text(cfg, start, args) -> tuple[str, bool]:
     from ..grpo.simulate import simulate_iteration
 
     sim = simulate_iteration(cfg, start.folder, start.index, start.plan, start.spec, args.codebook)
-    usable = args.gpu_memory * (1 - args.headroom)
+    usable, peak_flops = _budget(args)
     fits = sim["peak_bytes"]["total"] <= usable
-    seconds = sim["flops"]["total"] / (args.peak_tflops * 1e12 * args.mfu)
+    seconds = sim["flops"]["total"] / peak_flops
     if args.json:
-        return json.dumps({**sim, "gpu_memory_bytes": args.gpu_memory, "usable_bytes": int(usable), "fits": fits,
+        return json.dumps({**sim, "gpu_memory_bytes": args.gpu_memory, "usable_bytes": usable, "fits": fits,
                            "predicted_seconds_per_iteration": seconds}), fits
     gib = 2**30
     lines = [f"simulation on fake tensors ({sim['params'] / 1e6:,.1f}M parameters, "
@@ -111,8 +116,8 @@ def fit_report(cfg, start, args) -> int:
     from ..grpo.simulate import Iteration
 
     it = Iteration.from_run(cfg, start.folder, start.index, start.plan, start.spec, args.codebook)
-    usable = int(args.gpu_memory * (1 - args.headroom))
-    best, whole, smallest = fit(it, usable, args.peak_tflops * 1e12 * args.mfu, args.fit_lora)
+    usable, peak_flops = _budget(args)
+    best, whole, smallest = fit(it, usable, peak_flops, args.fit_lora)
     where = f"{it.processes} x {args.gpu_memory / 2**30:.3g} GiB ({usable / 2**30:.3g} GiB usable with --headroom " \
         f"{args.headroom:g})"
     if best is None:

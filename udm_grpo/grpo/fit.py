@@ -88,19 +88,20 @@ class Scaling:
 
     def phases(self, it: Iteration) -> dict[str, PhaseFigures]:
         args, batches = it.phase_args(), ("micro_batch", "rollout_batch")
-        points = {**self._at(args, ROLLOUT, (*batches, "gradient_checkpointing"))[1],
-                  **self._at(args, PHASES_TRAINED, batches)[1]}
-        second = {**self._at(args, ROLLOUT, (*batches, "gradient_checkpointing"))[2],
-                  **self._at(args, PHASES_TRAINED, batches)[2]}
+        rollout = self._at(args, ROLLOUT, (*batches, "gradient_checkpointing"))
+        trained = self._at(args, PHASES_TRAINED, batches)
+        points, second = ({**rollout[b], **trained[b]} for b in (1, 2))
         out = {}
         for name in (p for p in PHASES if p in points):
             batch = it.rollout_batch if name in ROLLOUT else it.micro_batch
             one, two = points[name], second[name]
-            keys = set(one.peak_bytes) | set(two.peak_bytes)
-            out[name] = PhaseFigures(
-                one.flops + (batch - 1) * (two.flops - one.flops),
-                {k: one.peak_bytes.get(k, 0) + (batch - 1) * (two.peak_bytes.get(k, 0) - one.peak_bytes.get(k, 0))
-                 for k in keys})
+
+            def line(v1: float, v2: float, batch=batch) -> float:
+                return v1 + (batch - 1) * (v2 - v1)
+
+            out[name] = PhaseFigures(line(one.flops, two.flops), {
+                k: line(one.peak_bytes.get(k, 0), two.peak_bytes.get(k, 0))
+                for k in set(one.peak_bytes) | set(two.peak_bytes)})
         return out
 
 

@@ -40,7 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..diffusion import categorical, paths
 from ..models.transformer import URSAConfig, URSATransformer
-from .memory import GPU_PRESETS
+from .memory import GPU_PRESETS, PATH_DIM
 from .objective import action_log_probs, token_entropy
 
 
@@ -242,7 +242,7 @@ def simulate_phases(config: URSAConfig, micro_batch: int, rollout_batch: int, te
         frozen = build_policy_model(config, compute, None, fake).requires_grad_(False) \
             if reference and lora is None else None
         tokenizer = _vae(vae) if vae else None
-        dim = tokenizer.codebook.shape[1] if tokenizer is not None else 256
+        dim = tokenizer.codebook.shape[1] if tokenizer is not None else PATH_DIM
         path = paths.MetricPath(torch.randn(k, dim), table_max=0)
         resident = _nbytes(path.raw_emb, path.emb, path.sq_norm)
         named = [("reference", "param", _nbytes(*frozen.parameters()) if frozen else 0),
@@ -333,15 +333,16 @@ def gpu_memory_bytes(value: str) -> int:
 
 
 SHAPE_KEYS = {"transformer": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                               "num_key_value_heads", "head_dim", "lm_vocab_size", "lm_head_size", "vocab_size"),
+                               "num_key_value_heads", "lm_vocab_size", "lm_head_size", "vocab_size"),
               "AutoencoderVQ": ("block_out_channels", "num_vq_embeddings", "vq_embed_dim"),
               "PatchVQ": ("patch_size", "num_vq_embeddings")}
 
 
 def shape_configs(folder) -> tuple[dict, dict]:
     """(transformer/config.json, vae/config.json) of a model folder, each holding every key that sets a shape
-    (`SHAPE_KEYS`): without weights, a default would silently stand in for the model's size. ConfigError naming
-    the file and key otherwise."""
+    (`SHAPE_KEYS`): without weights, a default would silently stand in for the model's size. (head_dim and
+    rms_norm_eps may be absent: the reference's config.json leaves them to Qwen3's defaults, as the loader does.)
+    ConfigError naming the file and key otherwise."""
     from ..errors import ConfigError
     from ..models.io import read_config
 
@@ -403,7 +404,7 @@ class Iteration:
                    cfg.reward.kl_beta > 0, cfg.model.lora, plan.micro_batch_size,
                    min(r.batch_size or plan.images_per_process, plan.images_per_process), plan.images_per_process,
                    plan.train_steps, t.updates_per_rollout, r.num_inference_steps,
-                   getattr(t, "offload_optimizer", False), getattr(t, "offload_param", False))
+                   t.offload_optimizer, t.offload_param)
 
     @property
     def module_dtype(self) -> torch.dtype | None:

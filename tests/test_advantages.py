@@ -53,14 +53,14 @@ def test_zero_variance_group_gets_exactly_zero():
     adv = group_advantages(scores, 4)
     assert torch.all(adv[0] == 0) and torch.all(adv[2] == 0)
     assert torch.allclose(adv[1], torch.tensor([-0.5, 0.5, -0.5, 0.5]) / (0.5 + 1e-4))
-    adv_g = group_advantages(scores, 4, global_std=True)
+    adv_g = group_advantages(scores, 4, scale="batch")
     assert torch.all(adv_g[0] == 0) and torch.all(adv_g[2] == 0)
 
 
-def test_global_std_option():
+def test_batch_scale_option():
     rng = np.random.default_rng(1)
     grouped = rng.normal(size=(3, 5)) * np.array([[0.1], [1.0], [10.0]])
-    adv = group_advantages(grouped, 5, global_std=True, clip=None)
+    adv = group_advantages(grouped, 5, scale="batch", clip=None)
     np.testing.assert_allclose(adv.numpy(), _numpy_adv(grouped, clip=None, global_std=True), rtol=1e-10)
     per_group = group_advantages(grouped, 5, clip=None)
     assert not torch.allclose(adv, per_group)

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,7 +108,7 @@ def test_old_logp_ratio_and_clipping():
     # sample 0: r = e^0.5 > 1 + eps with A > 0 -> clipped; sample 1: r = e^-0.5 with A > 0 -> not clipped;
     # sample 2: r = e^-0.5 < 1 - eps with A < 0 -> clipped; sample 3: r = e^0.01 inside the trust region.
     shift = torch.tensor([0.5, -0.5, -0.5, 0.01])
-    old = seq - shift
+    old = logp.detach() - shift[:, None]  # per-token old log-probs whose sequence means are seq - shift
     loss, m = grpo_loss(logp, adv, old, None, ratio_clip=eps, kl_beta=0.0)
     ratio = torch.exp(shift)
     assert m["ratio_mean"] == pytest.approx(ratio.mean().item(), rel=1e-5)
@@ -164,3 +165,48 @@ def test_kl_term_removed_with_zero_beta_or_no_ref():
     assert torch.equal(g1, g2)
     with pytest.raises(ValueError):
         grpo_loss(logp, adv, None, ref, ratio_clip=1e-4, kl_beta=0.05, kl_mode="per_token")
+
+
+def test_clip_higher_is_asymmetric():
+    """[1 - eps, 1 + eps_high]: with A > 0 a ratio between 1 + eps and 1 + eps_high still has a gradient."""
+    weight, feats, actions, _ = _linear_policy(seed=5)
+    logits = (feats @ weight).detach().requires_grad_()
+    logp = action_log_probs(logits, actions)
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    shift = torch.tensor([0.22, 0.3, -0.15, -0.3])  # r = e^shift: 1.246, 1.35, 0.86, 0.74
+    old = logp.detach() - shift[:, None]
+    loss, m = grpo_loss(logp, adv, old, None, ratio_clip=0.2, kl_beta=0.0, ratio_clip_high=0.28)
+    r = np.exp(shift.numpy())
+    expected = -np.minimum(adv.numpy() * r, adv.numpy() * np.clip(r, 0.8, 1.28)).mean()
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert m["clip_frac"] == 0.5  # sample 1 (A > 0, r = 1.35 > 1.28) and sample 3 (A < 0, r = 0.74 < 0.8)
+    loss.backward()
+    moved = logits.grad.abs().sum(dim=(1, 2)) > 0
+    assert moved.tolist() == [True, False, True, False]
+    assert grpo_loss(logp, adv, old, None, ratio_clip=0.2, kl_beta=0.0)[1]["clip_frac"] == 0.75  # symmetric: 0 too
+
+
+def test_token_level_ratios_against_numpy():
+    """Per-token ratios r_bn = exp(logp_bn - old_bn), clipped per token, averaged over tokens, summed over samples
+    and divided by the normaliser; on-policy both levels give the same gradient, -sum_b A_b grad l_b / D."""
+    weight, feats, actions, _ = _linear_policy(seed=6)
+    logits = (feats @ weight).detach().requires_grad_()
+    logp = action_log_probs(logits, actions)
+    adv = torch.tensor([0.7, -1.2, 0.4, 1.5])
+    shift = torch.linspace(-0.4, 0.4, logp.numel()).view_as(logp)
+    old = logp.detach() - shift
+    loss, m = grpo_loss(logp, adv, old, None, ratio_clip=0.2, kl_beta=0.0, level="token", normaliser=10.0)
+    r, a = np.exp(shift.numpy()), adv.numpy()[:, None]
+    clipped = ((a > 0) & (r > 1.2)) | ((a < 0) & (r < 0.8))
+    expected = -np.minimum(a * r, a * np.clip(r, 0.8, 1.2)).mean(1).sum() / 10.0
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert m["clip_frac"] == pytest.approx(clipped.mean())
+    grads = []
+    for level in ("sequence", "token"):
+        logits.grad = None
+        grpo_loss(action_log_probs(logits, actions), adv, None, None, kl_beta=0.0, level=level, normaliser=3.0)[
+            0].backward()
+        grads.append(logits.grad.clone())
+    logits.grad = None
+    (-(adv * _reference_logp(logits, actions).mean(1)).sum() / 3.0).backward()
+    assert torch.allclose(grads[0], logits.grad, atol=1e-6) and torch.allclose(grads[1], logits.grad, atol=1e-6)

@@ -34,6 +34,7 @@ _RENAMED = {
     "train_dataloader": "set 'data.train' and 'sampling.num_prompts_per_step' instead",
     "optimizer": "set 'training.lr', 'training.betas' and 'training.weight_decay' instead",
     "pipeline": "set 'model.path' instead",
+    "reward.global_std": "it became reward.scale_rewards (global_std: true = scale_rewards: batch)",
     "experiment.sample_every": "sample grids are written with every held-out evaluation (experiment.eval_every); "
                                "remove it",
 }

@@ -73,6 +73,10 @@ class SamplingConfig:
     train_start: list = opt([0, 3], INT_PAIR, "first trained step ~ UniformInt[lo, hi)")
     forward_process: bool = opt(True, BOOL, "states re-noised from the final sample (false: rollout states)")
     clean_response: bool = opt(True, BOOL, "action = final clean sample (false: the step's own prediction)")
+    dynamic_sampling: bool = opt(False, BOOL, "DAPO: train groups whose rewards differ; refill the step from the "
+                                 "prompt stream (up to max_extra_rollouts), else fill with equal-reward groups")
+    max_extra_rollouts: int | None = opt(None, optional(NONNEG_INT), "extra rollout images per step that dynamic "
+                                         "sampling may draw; null = one more step's worth (P x G)")
     rollout: RolloutConfig = section(RolloutConfig)
 
 
@@ -84,8 +88,18 @@ class RewardConfig:
     normalize: bool = opt(False, BOOL, "standardise each listed reward's scores per call before the weighted sum")
     advantage_clipping: float | None = opt(5.0, optional(POS_FLOAT), "clip advantages to +-this; null = off")
     advantage_eps: float = opt(1e-4, POS_FLOAT, "A = (s - mean) / (std + eps)")
-    global_std: bool = opt(False, BOOL, "normalise by the std of all scores instead of per group")
+    scale_rewards: str = opt("group", choice("group", "batch", "none"), "advantage divisor: the group's std, the "
+                             "batch's std, or none (Dr. GRPO)")
+    per_prompt_stats: bool = opt(False, BOOL, "Flow-GRPO: centre (and scale) advantages on the prompt's scores of "
+                                 "its last data.history groups as well as this one")
     ratio_clipping: float = opt(1e-4, float_rule("a number in (0, 1)", lambda v: 0 < v < 1), "PPO epsilon")
+    ratio_clipping_high: float | None = opt(None, optional(POS_FLOAT), "upper PPO epsilon (DAPO clip-higher); null "
+                                            "= ratio_clipping")
+    importance_sampling_level: str = opt("sequence", choice("sequence", "token"), "ratio of sequence-mean "
+                                         "log-probs (the reference, GSPO) or per-token ratios (PPO, GRPO)")
+    loss_type: str = opt("grpo", choice("grpo", "dapo", "dr_grpo"), "loss normaliser: samples trained (grpo), "
+                         "tokens trained (dapo: the same at a fixed image size), or the constant P x G x "
+                         "train_steps (dr_grpo)")
     kl_beta: float = opt(0.05, NONNEG_FLOAT, "weight of the k3 KL to the reference; 0 = no reference")
     kl_mode: str = opt("sequence", choice("sequence", "token"), "k3 on sequence-mean or per-token log-probs")
 
@@ -94,6 +108,10 @@ class RewardConfig:
 class TrainingConfig:
     micro_batch_size: int | None = opt(None, optional(POS_INT), "samples per forward/backward; null = all")
     updates_per_rollout: int = opt(1, POS_INT, "optimiser updates per rollout (>1 stores old log-probs)")
+    reuse_rollouts: int = opt(1, POS_INT, "train each step on the last R rollouts (older ones with importance "
+                              "ratios against the policy that drew them); 1 = on-policy")
+    max_staleness: int | None = opt(None, optional(POS_INT), "drop reused samples drawn more than this many "
+                                    "optimiser updates ago; null = keep all R")
     max_steps: int = opt(10000, POS_INT, "optimiser steps")
     lr: float = opt(1e-6, POS_FLOAT, "AdamW learning rate (constant after the warm-up)")
     lr_warmup_steps: int = opt(0, NONNEG_INT, "linear learning-rate warm-up steps; 0 = none (the paper)")
@@ -136,6 +154,11 @@ class DataConfig:
     train: str | None = opt(None, optional(STRING), "training prompts (.txt/.jsonl or built-in set); null = default")
     test: str | None = opt(None, optional(STRING), "held-out prompts, never optimised; null = default")
     shuffle: bool = opt(True, BOOL, "shuffle training prompts each epoch")
+    curriculum: bool = opt(False, BOOL, "draw prompts whose recent pass rate is 0 or 1 with weight "
+                           "curriculum_floor (others and unseen prompts: 1)")
+    curriculum_floor: float = opt(0.1, float_rule("a number in (0, 1]", lambda v: 0 < v <= 1),
+                                  "curriculum weight of a prompt whose last data.history groups all passed or failed")
+    history: int = opt(4, POS_INT, "groups remembered per prompt (curriculum, reward.per_prompt_stats)")
 
 
 @dataclass

@@ -122,12 +122,14 @@ def balance_tags(records: list[dict], size: int | None = None) -> list[dict]:
 class PromptStream:
     """Endless stream of prompt records, reshuffled every epoch from (seed, epoch).
 
-    `state()` / `load_state()` give the data cursor (epoch, position) for exact resume.
+    `next(n, weight)` instead draws n distinct records with probabilities proportional to `weight(record)`
+    (a curriculum), from (seed, number of weighted draws so far). `state()` / `load_state()` give the data
+    cursor (epoch, position, weighted draws) for exact resume.
     """
 
     def __init__(self, records: list[dict], seed: int, shuffle: bool = True):
         self.records, self.seed, self.shuffle = records, seed, shuffle
-        self.epoch, self.position = 0, 0
+        self.epoch, self.position, self.draws = 0, 0, 0
         self._order = self._permutation()
 
     def _permutation(self) -> np.ndarray:
@@ -135,7 +137,9 @@ class PromptStream:
             return np.arange(len(self.records))
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.records))
 
-    def next(self, n: int) -> list[dict]:
+    def next(self, n: int, weight=None) -> list[dict]:
+        if weight is not None:
+            return self._weighted(n, weight)
         out = []
         while len(out) < n:
             if self.position == len(self.records):
@@ -145,9 +149,17 @@ class PromptStream:
             self.position += 1
         return out
 
+    def _weighted(self, n: int, weight) -> list[dict]:
+        w = np.array([weight(r) for r in self.records], dtype=np.float64)
+        rng = np.random.default_rng([self.seed, 1, self.draws])
+        self.draws += 1
+        pick = rng.choice(len(self.records), size=n, replace=n > len(self.records), p=w / w.sum())
+        return [self.records[i] for i in pick]
+
     def state(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"epoch": self.epoch, "position": self.position, "draws": self.draws}
 
     def load_state(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.draws = int(state.get("draws", 0))
         self._order = self._permutation()

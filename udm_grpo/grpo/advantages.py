@@ -11,7 +11,8 @@ contiguous slice. The reference code instead repeats the whole prompt list G tim
 index g * P + j, grouped as [G, P]); `group_rows(..., order="image-major")` converts that layout.
 
 A_{j,g} = clip((s_{j,g} - mean_g s_{j,:}) / (std + eps), -clip, clip), with std the population (ddof 0)
-std of row j, or of all P * G scores when `global_std`. Groups whose scores are all equal get A = 0.
+std of row j ("group"), of all P * G scores ("batch") or 1 ("none", Dr. GRPO); optionally the row is pooled
+with the prompt's scores at earlier steps (`history`). Groups whose pooled scores are all equal get A = 0.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Literal, TypeVar
 import torch
 
 Order = Literal["prompt-major", "image-major"]
+Scale = Literal["group", "batch", "none"]
 T = TypeVar("T")
 
 
@@ -73,28 +75,43 @@ def flat_from_groups(grouped: torch.Tensor, order: Order = "prompt-major") -> to
 def group_advantages(
     scores,
     group_size: int,
-    global_std: bool = False,
+    scale: Scale = "group",
     eps: float = 1e-4,
     clip: float | None = 5.0,
+    history: Sequence[Sequence[float]] | None = None,
 ) -> torch.Tensor:
     """Group-normalised advantages, same shape as `scores`.
 
     scores: Float[P * G] (prompt-major flat order) or Float[P, G] (grouped rows); tensor, array or list.
-    A = (s - mean over the prompt's group) / (std + eps), std population (ddof 0) per group, or over all
-    scores when `global_std`; then clamped to [-clip, clip] unless clip is None. Computed in float64 and
-    returned in the input's float dtype (float32 for integer input). Non-finite scores raise ValueError.
+    Row j's pool is its G scores, plus `history[j]` (the prompt's scores at earlier steps, Flow-GRPO's
+    per-prompt statistics) when given. A = (s - mean(pool)) / (spread + eps) with spread the population
+    (ddof 0) std of the pool ("group"), of all P * G scores ("batch"), or A = s - mean(pool) ("none", Dr.
+    GRPO); then clamped to [-clip, clip] unless clip is None. A pool of equal values gives exactly 0.
+    Computed in float64, returned in the input's float dtype (float32 for integer input). Non-finite scores
+    raise ValueError.
     """
     x = _as_float(scores)
     out_dtype = x.dtype
     grouped = group_rows(x, group_size).to(torch.float64)
     if not torch.isfinite(grouped).all():
         raise ValueError("scores contain NaN or infinite values; refusing to compute advantages")
-    centred = grouped - grouped.mean(dim=1, keepdim=True)
-    std = grouped.std(unbiased=False) if global_std else grouped.std(dim=1, unbiased=False, keepdim=True)
-    adv = centred / (std + eps)
-    # groups of equal scores give exactly 0 (the mean can differ from the scores by rounding)
-    constant = grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True)
-    adv = adv.masked_fill(constant, 0.0)
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    if history is not None and len(history) != grouped.shape[0]:
+        raise ValueError(f"history must hold one list per group ({grouped.shape[0]}), got {len(history)}")
+    centre, spread, constant = [], [], []
+    for j, row in enumerate(grouped):
+        pool = row if history is None or not len(history[j]) else torch.cat(
+            [row, torch.as_tensor(history[j], dtype=torch.float64)])
+        centre.append(pool.mean())
+        spread.append(pool.std(unbiased=False))
+        constant.append(bool(pool.max() == pool.min()))  # the mean can differ from equal values by rounding
+    centred = grouped - torch.stack(centre)[:, None]
+    if scale == "group":
+        centred = centred / (torch.stack(spread)[:, None] + eps)
+    elif scale == "batch":
+        centred = centred / (grouped.std(unbiased=False) + eps)
+    adv = centred.masked_fill(torch.tensor(constant)[:, None], 0.0)
     if clip is not None:
         if clip <= 0:
             raise ValueError(f"clip must be positive or None, got {clip}")

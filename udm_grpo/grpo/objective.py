@@ -2,16 +2,20 @@
 
 Per sample b with N image tokens, action a (Long[N]: the final clean sample for UDM-GRPO) and state x_t:
 
-    l_b   = (1/N) sum_n log p_theta(a_n | x_t, c)                 (sequence-mean log-prob)
-    r_b   = exp(l_b - stopgrad(l_b))   (on-policy: 1 in value, gradient grad l_b)
-          | exp(l_b - l_old,b)         (stored old log-probs, e.g. several updates per rollout)
-    L_pg  = -mean_b min(A_b r_b, A_b clip(r_b, 1 - eps, 1 + eps))
-    KL_b  = exp(d) - d - 1 with d = l_ref,b - l_b          ("sequence", the paper's k3 on sequence means)
-          | mean_n [exp(d_n) - d_n - 1], d_n per token        ("token", per-token k3)
-    L     = L_pg + beta * mean_b KL_b
+    l_b     = (1/N) sum_n log p_theta(a_n | x_t, c)               (sequence-mean log-prob)
+    old     = stopgrad(log p_theta)  (on-policy: every ratio is 1 in value)
+            | the per-token log-probs of the policy that drew the sample (reused rollouts)
+    r_b     = exp((1/N) sum_n [log p_theta - old]_n)      ("sequence" level: the reference's ratio of sequence
+                                                          means, GSPO's length-normalised sequence ratio)
+    r_b,n   = exp([log p_theta - old]_n)                  ("token" level: PPO/GRPO per-token ratios)
+    L_pg,b  = -min(A_b r, A_b clip(r, 1 - eps, 1 + eps_high))   (per token: averaged over n)
+    KL_b    = exp(d) - d - 1 with d = l_ref,b - l_b      ("sequence", the paper's k3 on sequence means)
+            | mean_n [exp(d_n) - d_n - 1], d_n per token    ("token", per-token k3)
+    L       = sum_b (L_pg,b + beta KL_b) / D              (D = B by default; the trainer passes its normaliser)
 
-On-policy the gradient is exactly -mean_b A_b grad l_b (REINFORCE with group-normalised advantages).
-Unlike the reference code, r = exp(l - l_old) is computed with the intended precedence.
+eps_high > eps is DAPO's clip-higher. On-policy the gradient is exactly -sum_b A_b grad l_b / D (REINFORCE
+with group-normalised advantages) at either level. Unlike the reference code, r = exp(l - l_old) is computed
+with the intended precedence.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 KLMode = Literal["sequence", "token"]
+Level = Literal["sequence", "token"]
 _CHUNK_ELEMENTS = 1 << 24  # ~64 MB of float32 per chunk
 
 
@@ -127,55 +132,64 @@ def grpo_loss(
     ratio_clip: float = 1e-4,
     kl_beta: float = 0.05,
     kl_mode: KLMode = "sequence",
+    ratio_clip_high: float | None = None,
+    level: Level = "sequence",
+    normaliser: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped GRPO loss (scalar) and metrics (python floats).
 
     logp_tokens: Float[B, N] per-token policy log-probs of the actions (with grad);
-    advantages: Float[B]; old_logp: Float[B] sequence-mean log-probs at rollout time or None (on-policy);
-    ref_logp_tokens: Float[B, N] per-token reference log-probs or None (no KL term).
-    See the module docstring for the formulas. The KL term is skipped when ref is None or kl_beta == 0
-    (the KL is still reported when ref is given). Metrics: loss, policy_loss, kl, ratio_mean, ratio_max,
-    clip_frac (fraction of samples where the clipped branch binds: A > 0 and r > 1 + eps, or A < 0 and
-    r < 1 - eps; those samples get zero policy gradient), logp_mean (mean of l).
+    advantages: Float[B]; old_logp: Float[B, N] per-token log-probs under the policy that drew the sample, or
+    None (on-policy: the ratio is 1 in value); ref_logp_tokens: Float[B, N] reference log-probs or None (no KL).
+    The clip range is [1 - ratio_clip, 1 + ratio_clip_high] (`ratio_clip_high` None = `ratio_clip`); `level` picks
+    the sequence or per-token ratio (module docstring); the loss is sum_b L_b / `normaliser` (None = B, the mean).
+    The KL term is skipped when ref is None or kl_beta == 0 (it is still reported when ref is given).
+    Metrics (means over the B samples): loss, policy_loss, kl, ratio_mean, ratio_max, clip_frac (the share of
+    ratios, per sample or per token, where the clipped branch binds: A > 0 and r > 1 + eps_high, or A < 0 and
+    r < 1 - eps; they get no policy gradient), logp_mean (mean of l).
     """
     if logp_tokens.dim() != 2:
         raise ValueError(f"logp_tokens must be [B, N], got {list(logp_tokens.shape)}")
     batch = logp_tokens.shape[0]
     if advantages.shape != (batch,):
         raise ValueError(f"advantages must be [{batch}], got {list(advantages.shape)}")
-    if old_logp is not None and old_logp.shape != (batch,):
-        raise ValueError(f"old_logp must be [{batch}] sequence-mean log-probs, got {list(old_logp.shape)}")
-    if ref_logp_tokens is not None and ref_logp_tokens.shape != logp_tokens.shape:
-        raise ValueError(f"ref_logp_tokens must be {list(logp_tokens.shape)}, got {list(ref_logp_tokens.shape)}")
+    for name, other in (("old_logp", old_logp), ("ref_logp_tokens", ref_logp_tokens)):
+        if other is not None and other.shape != logp_tokens.shape:
+            raise ValueError(f"{name} must be {list(logp_tokens.shape)} per-token log-probs, got {list(other.shape)}")
     if kl_mode not in ("sequence", "token"):
         raise ValueError(f"kl_mode must be 'sequence' or 'token', got {kl_mode!r}")
-    if not ratio_clip > 0:
-        raise ValueError(f"ratio_clip must be positive, got {ratio_clip}")
+    if level not in ("sequence", "token"):
+        raise ValueError(f"level must be 'sequence' or 'token', got {level!r}")
+    high = ratio_clip if ratio_clip_high is None else ratio_clip_high
+    if not (ratio_clip > 0 and high > 0):
+        raise ValueError(f"ratio clipping must be positive, got {ratio_clip} and {high}")
 
     logp_tokens = logp_tokens.float()
     seq = logp_tokens.mean(dim=1)  # l_b
     adv = advantages.detach().to(seq)
-    anchor = seq.detach() if old_logp is None else old_logp.detach().to(seq)
-    ratio = torch.exp(seq - anchor)
-    lo, hi = 1.0 - ratio_clip, 1.0 + ratio_clip
-    clipped = ((adv > 0) & (ratio > hi)) | ((adv < 0) & (ratio < lo))
-    # == min(A r, A clip(r)) in value; the clipped branch is constant, so those samples get no gradient
-    surrogate = torch.where(clipped, adv * ratio.clamp(lo, hi), adv * ratio)
-    policy_loss = -surrogate.mean()
-    loss = policy_loss
+    anchor = logp_tokens.detach() if old_logp is None else old_logp.detach().float()
+    log_ratio = (logp_tokens - anchor).mean(1) if level == "sequence" else logp_tokens - anchor
+    ratio = torch.exp(log_ratio)  # Float[B] or Float[B, N]
+    a = adv if level == "sequence" else adv[:, None]
+    lo, hi = 1.0 - ratio_clip, 1.0 + high
+    clipped = ((a > 0) & (ratio > hi)) | ((a < 0) & (ratio < lo))
+    # == min(A r, A clip(r)) in value; the clipped branch is constant, so those ratios get no gradient
+    surrogate = torch.where(clipped, a * ratio.clamp(lo, hi), a * ratio)
+    per_sample = -(surrogate if level == "sequence" else surrogate.mean(1))
+    policy_loss = per_sample.mean()
 
     kl_value = 0.0
     if ref_logp_tokens is not None:
         ref = ref_logp_tokens.detach().float()
         kl = _k3(ref.mean(dim=1) - seq) if kl_mode == "sequence" else _k3(ref - logp_tokens).mean(dim=1)
-        kl_mean = kl.mean()
-        kl_value = kl_mean.item()
+        kl_value = kl.mean().item()
         if kl_beta > 0:
-            loss = loss + kl_beta * kl_mean
+            per_sample = per_sample + kl_beta * kl
+    loss = per_sample.sum() / (batch if normaliser is None else normaliser)
 
     with torch.no_grad():
         metrics = {
-            "loss": loss.item(),
+            "loss": per_sample.mean().item(),
             "policy_loss": policy_loss.item(),
             "kl": kl_value,
             "ratio_mean": ratio.mean().item(),

@@ -24,7 +24,8 @@ class MicroBatch:
 
     text / uncond: Long[b, L]; states: Long[b, N] (x_t fed to the model); actions: Long[b, N];
     advantages: Float[b]; ref_logp: Float[b, N] under the reference (None without KL);
-    old_logp: Float[b] sequence-mean log-probs at rollout time (only when rollouts are reused).
+    old_logp: Float[b, N] per-token log-probs under the policy that drew the sample (only when rollouts are
+    reused: `training.updates_per_rollout` or `training.reuse_rollouts` > 1).
     """
 
     t: float

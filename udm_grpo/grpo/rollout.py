@@ -37,6 +37,26 @@ class Rollout:
     def __len__(self) -> int:
         return self.final.shape[0]
 
+    def select(self, rows: list[int]) -> Rollout:
+        """The rollout of samples `rows` (in that order)."""
+        idx = torch.tensor(rows, dtype=torch.long)
+        pick = lambda x: x[idx.to(x.device)]  # noqa: E731
+        return Rollout([self.prompts[i] for i in rows], [self.metadata[i] for i in rows], pick(self.text_ids),
+                       None if self.uncond_ids is None else pick(self.uncond_ids), self.grid, pick(self.final),
+                       self.states[:, idx.to(self.states.device)], self.predictions[:, idx.to(self.states.device)],
+                       self.t, self.images[rows])
+
+    @staticmethod
+    def cat(parts: list[Rollout]) -> Rollout:
+        """One rollout of the samples of `parts` (same grid and step times), in order."""
+        first = parts[0]
+        return Rollout([p for r in parts for p in r.prompts], [m for r in parts for m in r.metadata],
+                       torch.cat([r.text_ids for r in parts]),
+                       None if first.uncond_ids is None else torch.cat([r.uncond_ids for r in parts]), first.grid,
+                       torch.cat([r.final for r in parts]), torch.cat([r.states for r in parts], 1),
+                       torch.cat([r.predictions for r in parts], 1), first.t,
+                       np.concatenate([r.images for r in parts]))
+
 
 def rollout(pipe: URSAPipeline, logits: LogitsFn, prompts: list[str], metadata: list, options: SamplingOptions,
             generator: torch.Generator) -> Rollout:

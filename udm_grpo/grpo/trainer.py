@@ -32,8 +32,9 @@ from ..errors import TrainingError, UserError
 from ..models.io import save_folder
 from ..models.lora import adapter_base_name, read_adapter_params, save_adapter
 from ..models.pipeline import URSAPipeline
-from .advantages import expand_prompts, group_advantages, group_stats
+from .advantages import expand_prompts, group_advantages, group_rows
 from .checkpoint import begin_checkpoint, commit_checkpoint, load_checkpoint, resolve_checkpoint, write_rng
+from .collect import Batch, Drawn, collect
 from .control import StopOnSigint, all_processes
 from .engine import build_engine, plain_accelerator_env, world_layout
 from .evaluation import summarise_eval
@@ -41,6 +42,8 @@ from .logger import RunLogger, plot_curves
 from .objective import action_log_probs, grpo_loss, token_entropy
 from .policy import ImageLogits, MicroBatch, adapters_disabled, build_policy, micro_batch_logits
 from .preflight import check_start
+from .prompt_stats import PromptStats
+from .replay import ReplayBuffer
 from .rollout import Rollout, rollout
 from .run_folder import RunFolder
 from .states import pick_train_steps, training_states
@@ -87,7 +90,10 @@ class UDMGRPOTrainer:
         self.generator = torch.Generator(device=self.acc.device).manual_seed(c.training.seed + 1000 * self.rank)
         self.data = PromptStream(start.train, c.training.seed, c.data.shuffle)
         self.eval_records = start.held_out
+        self.prompt_stats = PromptStats(c.data.history)
+        self.replay = ReplayBuffer(c.training.reuse_rollouts, c.training.max_staleness)
         self.step, self.nonfinite, self.skipped = 0, 0, 0
+        self.updates, self.rollout_images, self.train_seconds = 0, 0, 0.0  # optimiser updates, images drawn, time
         self.run_dir = Path(c.experiment.output_dir)
         self.logger = None
         self._last_eval_images = None
@@ -109,25 +115,26 @@ class UDMGRPOTrainer:
 
     # ---- one optimiser step -----------------------------------------------------------------
     def train_step(self) -> dict:
-        """One optimiser step (`updates_per_rollout` updates on one rollout). Returns its metrics,
-        namespaced `reward/`, `train/` and `time/`; a skipped step has `train/skipped` (the reason)."""
+        """One optimiser step (`updates_per_rollout` updates on one rollout, plus the reused ones). Returns its
+        metrics, namespaced `reward/`, `train/`, `health/`, `progress/` and `time/`; a skipped step has
+        `train/skipped` (the reason)."""
         c = self.cfg
         clock = [("start", time.perf_counter())]
-        ro = self._rollout()
+        batch = self._collect()
+        metrics = batch.metrics
         clock.append(("rollout", time.perf_counter()))
-        scores, metrics = self._reward(ro)
-        clock.append(("reward", time.perf_counter()))
-        if not torch.isfinite(scores).all():
+        self.rollout_images += batch.images
+        if batch.scores is None:
             return self._skip(metrics, "non-finite reward")
-        stats = group_stats(scores.cpu(), c.sampling.num_images_per_prompt)
-        metrics.update({f"reward/{k}": v for k, v in stats.items()})
         steps = pick_train_steps(c.sampling.train_start, c.sampling.train_steps, self.generator)
-        micro = self._micro_batches(ro, self._advantages(scores), steps)
+        fresh = self._micro_batches(batch.rollout, self._advantages(batch), steps)
         clock.append(("states", time.perf_counter()))
-        update = self._update(micro)
+        update = self._update(fresh, self.replay.reused(self.updates))
         if update is None:
             return self._skip(metrics, "non-finite loss or gradient")
         clock.append(("update", time.perf_counter()))
+        self.replay.add(fresh, self.updates)
+        self.updates += c.training.updates_per_rollout
         self.nonfinite = 0
         metrics.update(update)
         metrics["train/steps"] = f"{steps[0]}-{steps[-1]}"
@@ -135,32 +142,48 @@ class UDMGRPOTrainer:
         metrics["time/total"] = round(clock[-1][1] - clock[0][1], 4)
         return metrics
 
-    def _rollout(self) -> Rollout:
-        """This process's share of P prompts x G images, with the trajectory."""
-        c, per = self.cfg, self.plan.images_per_process
-        expanded = expand_prompts(self.data.next(c.sampling.num_prompts_per_step), c.sampling.num_images_per_prompt)
+    def _draw(self, records: list[dict]) -> Drawn:
+        """G images of each of `records` (this process's contiguous share of them), rewarded on every process."""
+        c, world = self.cfg, self.world
+        expanded = expand_prompts(records, c.sampling.num_images_per_prompt)
+        per = len(expanded) // world
         local = expanded[self.rank * per: (self.rank + 1) * per]
         with self._sampling() as logits:
-            return rollout(self.pipe, logits, [x["prompt"] for x in local], local, c.sampling.rollout.options(),
-                           self.generator)
-
-    def _reward(self, ro: Rollout) -> tuple[torch.Tensor, dict]:
-        """(scores Float[P*G] gathered from all processes, `reward/<value>` means over all images)."""
+            ro = rollout(self.pipe, logits, [x["prompt"] for x in local], local, c.sampling.rollout.options(),
+                         self.generator)
         out = self.reward(ro.images, ro.prompts, ro.metadata)
-        gather = lambda x: self.acc.gather(torch.as_tensor(x, dtype=torch.float32, device=self.acc.device))  # noqa: E731
-        metrics = {f"reward/{name}": gather(values).mean().item() for name, values in out.values.items()}
-        return gather(out.scores), metrics
+        gather = lambda x: self.acc.gather(  # noqa: E731
+            torch.as_tensor(x, dtype=torch.float32, device=self.acc.device)).cpu()
+        return Drawn(records, ro, gather(out.scores), {name: gather(v) for name, v in out.values.items()})
 
-    def _advantages(self, scores: torch.Tensor) -> torch.Tensor:
-        """This process's slice of the group advantages, Float[images_per_process]."""
-        r, per = self.cfg.reward, self.plan.images_per_process
-        adv = group_advantages(scores.cpu(), self.cfg.sampling.num_images_per_prompt, r.global_std,
-                               r.advantage_eps, r.advantage_clipping).float()
+    def _collect(self) -> Batch:
+        c = self.cfg
+        weight = (lambda r: self.prompt_stats.weight(r, c.data.curriculum_floor)) if c.data.curriculum else None
+        return collect(self._draw, lambda n: self.data.next(n, weight), c.sampling, self.rank, self.world,
+                       self.pipe.transformer.config.lm_head_size, self._mean_over_processes)
+
+    def _mean_over_processes(self, values: dict[str, float]) -> dict[str, float]:
+        if self.world == 1:
+            return values
+        reduced = self.acc.reduce(torch.tensor(list(values.values()), device=self.acc.device), "mean")
+        return dict(zip(values, reduced.tolist(), strict=True))
+
+    def _advantages(self, batch: Batch) -> torch.Tensor:
+        """This process's slice of the advantages, Float[images_per_process]; then every group drawn this step
+        joins the per-prompt statistics."""
+        r, G, per = self.cfg.reward, self.cfg.sampling.num_images_per_prompt, self.plan.images_per_process
+        prompts = [x["prompt"] for x in batch.records]
+        history = self.prompt_stats.history(prompts) if r.per_prompt_stats else None
+        adv = group_advantages(batch.scores, G, r.scale_rewards, r.advantage_eps, r.advantage_clipping,
+                               history).float()
+        for d in batch.rounds:
+            self.prompt_stats.update([x["prompt"] for x in d.records], group_rows(d.scores, G), d.passes(G))
         return adv[self.rank * per: (self.rank + 1) * per].to(self.acc.device)
 
     def _micro_batches(self, ro: Rollout, adv: torch.Tensor, steps: list[int]) -> list[MicroBatch]:
-        """Training states at the trained steps, split into micro-batches, with reference and old log-probs."""
-        s = self.cfg.sampling
+        """Training states at the trained steps, split into micro-batches, with reference log-probs and, when
+        samples are trained again later, the drawing policy's log-probs."""
+        s, t = self.cfg.sampling, self.cfg.training
         trained = training_states(ro, steps, self.pipe.scheduler.path, s.forward_process, s.clean_response,
                                   self.generator)
         mb, n = self.plan.micro_batch_size, len(ro)
@@ -170,8 +193,8 @@ class UDMGRPOTrainer:
         with torch.no_grad(), self.autocast():
             for m in micro:
                 m.ref_logp = self._reference_logp(m)
-                if self.cfg.training.updates_per_rollout > 1:
-                    m.old_logp = action_log_probs(self._policy_logits(m), m.actions).mean(1)
+                if t.updates_per_rollout > 1 or t.reuse_rollouts > 1:
+                    m.old_logp = action_log_probs(self._policy_logits(m), m.actions)
         return micro
 
     def _policy_logits(self, m: MicroBatch, module=None) -> torch.Tensor:
@@ -186,12 +209,16 @@ class UDMGRPOTrainer:
             return None
         return action_log_probs(self._policy_logits(m, ImageLogits(self.reference)), m.actions)
 
-    def _update(self, micro: list[MicroBatch]) -> dict | None:
-        """Accumulate the loss over the micro-batches and step the optimiser (`updates_per_rollout` times).
-        Returns `train/` metrics averaged over micro-batches and processes, or None when skipped."""
-        c = self.cfg
-        sums: dict[str, float] = {}
-        weight = 1.0 / (len(micro) * c.training.updates_per_rollout)
+    def _update(self, fresh: list[MicroBatch], reused: list[MicroBatch]) -> dict | None:
+        """Accumulate the loss over this rollout's micro-batches and the reused ones, and step the optimiser
+        (`updates_per_rollout` times). The loss is sum over samples / D, D = the samples trained (grpo, dapo) or
+        the images per process x train_steps (dr_grpo). Returns `train/` metrics averaged over micro-batches and
+        processes, or None when skipped."""
+        c, r = self.cfg, self.cfg.reward
+        micro = fresh + reused
+        samples = sum(len(m.advantages) for m in micro)
+        norm = self.plan.images_per_process * c.sampling.train_steps if r.loss_type == "dr_grpo" else samples
+        sums: dict[str, float] = {"reused_fraction": (samples - sum(len(m.advantages) for m in fresh)) / samples}
         grad_norm: float | None = float("nan")
         lr = c.training.lr * min(1.0, (self.step + 1) / max(1, c.training.lr_warmup_steps))  # resumes exactly
         for update in range(c.training.updates_per_rollout):
@@ -202,21 +229,21 @@ class UDMGRPOTrainer:
                     with self.autocast():
                         logits = self._policy_logits(m)
                         logp = action_log_probs(logits, m.actions)
-                    loss, values = grpo_loss(logp, m.advantages, m.old_logp if update else None, m.ref_logp,
-                                             c.reward.ratio_clipping, c.reward.kl_beta, c.reward.kl_mode)
+                    old = m.old_logp if update or i >= len(fresh) else None
+                    loss, values = grpo_loss(logp, m.advantages, old, m.ref_logp, r.ratio_clipping, r.kl_beta,
+                                             r.kl_mode, r.ratio_clipping_high, r.importance_sampling_level, norm)
                     if not all_processes(self.acc, bool(torch.isfinite(loss))):
                         self.engine.abort(loss)
                         return None
-                    self.engine.backward(loss, last)
+                    self.engine.backward(loss * self.plan.grad_accum_steps, last)  # the engine divides by it
                 values["entropy"] = token_entropy(logits.detach()).mean().item()
+                weight = len(m.advantages) / (samples * c.training.updates_per_rollout)
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v * weight
             grad_norm = self.engine.step(lr)
             if grad_norm is None:
                 return None
-        if self.world > 1:  # per-process means -> means over all processes (equal shares)
-            reduced = self.acc.reduce(torch.tensor(list(sums.values()), device=self.acc.device), "mean")
-            sums = dict(zip(sums, reduced.tolist(), strict=True))
+        sums = self._mean_over_processes(sums)  # equal shares
         return {**{f"train/{k}": v for k, v in sums.items()}, "train/grad_norm": grad_norm, "train/lr": lr}
 
     def _skip(self, metrics: dict, why: str) -> dict:
@@ -275,13 +302,16 @@ class UDMGRPOTrainer:
         if self.acc.is_main_process:
             begin_checkpoint(checkpoints, self.step)
         self.acc.wait_for_everyone()
-        write_rng(tmp, self.rank, {"generator": self.generator.get_state(), "torch": torch.get_rng_state()})
+        write_rng(tmp, self.rank, {"generator": self.generator.get_state(), "torch": torch.get_rng_state(),
+                                   **self.replay.state_tensors()})
         model = self.engine.inner.model
         weights, opt_state = self.engine.full_state()  # every process takes part (gathers); LoRA: the adapters
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             state = {"step": self.step, "data": self.data.state(), "skipped": self.skipped,
-                     "nonfinite": self.nonfinite, "world_size": self.world, "engine": self.spec.describe()}
+                     "nonfinite": self.nonfinite, "world_size": self.world, "engine": self.spec.describe(),
+                     "updates": self.updates, "rollout_images": self.rollout_images,
+                     "train_seconds": self.train_seconds, "prompt_stats": self.prompt_stats.state()}
             write = (lambda d: save_adapter(model, d / "adapter", weights, self.base)) if self.lora else (
                 lambda d: save_folder(d / "transformer", model.config.to_dict(), state=weights))
             commit_checkpoint(tmp, write, opt_state, state, self.cfg.experiment.keep_checkpoints)
@@ -310,6 +340,11 @@ class UDMGRPOTrainer:
         self.engine.load_full_state(weights, opt_state)  # every process: into its shards
         self.data.load_state(state["data"])
         self.step, self.skipped, self.nonfinite = state["step"], state["skipped"], state["nonfinite"]
+        self.updates = state.get("updates", self.step * self.cfg.training.updates_per_rollout)
+        self.rollout_images = state.get("rollout_images", 0)
+        self.train_seconds = state.get("train_seconds", 0.0)
+        self.prompt_stats.load_state(state.get("prompt_stats", {}))
+        self.replay.load_state_tensors(rng, self.acc.device)
         self.generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])
 
@@ -363,7 +398,10 @@ class UDMGRPOTrainer:
         with StopOnSigint() as stop, tqdm(total=max_steps, initial=self.step, desc="udm-grpo",
                                           disable=not self.progress) as bar:  # closed (a new line) on errors too
             while self.step < max_steps:
+                began = time.perf_counter()
                 metrics = self.train_step()
+                self.train_seconds += time.perf_counter() - began
+                metrics.update(self._progress())
                 self.step += 1
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
@@ -386,10 +424,15 @@ class UDMGRPOTrainer:
         return {"metrics": metrics, "eval": last_eval, "first_eval": first_eval, "step": self.step,
                 "interrupted": interrupted}
 
+    def _progress(self) -> dict:
+        """`progress/rollout_images` (drawn since step 0, on all processes) and `progress/minutes` (time in
+        training steps since step 0: rollouts, rewards and updates, not evaluations or checkpoints)."""
+        return {"progress/rollout_images": self.rollout_images, "progress/minutes": self.train_seconds / 60}
+
     def _eval_and_log(self) -> dict:
         result = self.evaluate()
         if self.logger:
-            self.logger.log(self.step, result, "eval.jsonl")
+            self.logger.log(self.step, {**result, **self._progress()}, "eval.jsonl")
             self._save_samples()
         return result
 

@@ -175,7 +175,7 @@ def test_reward_protocol():
     assert isinstance(reward, Reward)
     out = reward(images, [r["prompt"] for r in records], records)
     assert isinstance(out, RewardOutput) and out.scores.dtype == torch.float32 and out.scores.shape == (8,)
-    assert set(out.values) == {"strict", "score", "clean"}
+    assert set(out.values) == {"strict", "exact", "score", "clean", "blobs", "named"}
     assert out.values["strict"].tolist() == [1.0] * 4 + [0.0] * 4
     assert torch.equal(out.scores, out.values["score"])
     strict = ShapeEvalReward(strict=True)(images.numpy(), [r["prompt"] for r in records], records)
@@ -220,6 +220,12 @@ def test_evaluate_images_summary():
     assert overall["n"] == len(records)
     assert overall["strict"] == pytest.approx(5 / 6)  # mean over tags, as GenEval's overall score
     assert overall["strict_images"] == pytest.approx(1 - 1 / len(records))
+    # faithful renders draw exactly what is named, blank single_object images nothing
+    named = [sum(c["count"] for c in r["include"]) for r in records]
+    drawn = [0 if r["tag"] == "single_object" else n for r, n in zip(records, named)]
+    assert overall["named_per_image"] == pytest.approx(np.mean(named))
+    assert overall["blobs_per_image"] == pytest.approx(np.mean(drawn)) and overall["blobs"] == sum(drawn)
+    assert overall["blobs_per_image_ci95"] == pytest.approx(1.959964 * np.std(drawn, ddof=1) / len(drawn) ** 0.5)
 
 
 def test_census_counts_clean_shapes_among_the_blobs_drawn():
@@ -296,3 +302,54 @@ def test_a_prompt_file_is_checked_against_shapeevals_records(tmp_path):
                                         "of the 80 COCO classes"):
         check_prompt_source("geneval", load_prompts("shapes:train"), "shapes:train")
     check_prompt_source("shapeeval", load_prompts("shapes:train"), "shapes:train")
+
+
+def single(cls: str, count: int = 1) -> dict:
+    word = {1: "a", 2: "two", 3: "three", 4: "four"}[count]
+    return {"tag": "counting" if count > 1 else "single_object", "include": [{"class": cls, "count": count}],
+            "prompt": f"a photo of {word} {cls}{'s' if count > 1 else ''}"}
+
+
+def scene(cls: str, n: int) -> np.ndarray:
+    """`n` 14-px shapes of one class, apart on a 64x64 canvas, in cycling colours."""
+    image = canvas()
+    for i, (y, x) in enumerate([(4, 4), (4, 40), (40, 4), (40, 40)][:n]):
+        paint(image, shape_mask(cls, 14, 14), list(COLORS)[i], y, x)
+    return image
+
+
+def test_exact_also_fails_images_that_draw_more_than_named():
+    """GenEval's rule asks for at least the objects named: two squares pass "a photo of a square" and four
+    triangles "three triangles"; `exact` fails them, and passes what draws exactly the named objects."""
+    cases = [(scene("square", 1), single("square")), (scene("square", 2), single("square")),
+             (scene("triangle", 3), single("triangle", 3)), (scene("triangle", 4), single("triangle", 3)),
+             (scene("circle", 2), single("circle", 3))]
+    records = [r for _, r in cases]  # no exclude clause: GenEval's at-least rule alone
+    images = np.stack([im for im, _ in cases])
+    prompts = [r["prompt"] for r in records]
+    geneval = ShapeEvalReward(strict=True)(images, prompts, records)
+    exact = ShapeEvalReward(strict=True, exact=True)(images, prompts, records)
+    # an independent count: foreground connected components of each image
+    from scipy import ndimage
+
+    blobs = [ndimage.label((im != BACKGROUND).any(-1))[1] for im in images]
+    assert exact.values["blobs"].tolist() == geneval.values["blobs"].tolist() == blobs == [1, 2, 3, 4, 2]
+    assert exact.values["named"].tolist() == [1, 1, 3, 3, 3]
+    assert geneval.values["strict"].tolist() == [1, 1, 1, 1, 0]  # at least what is named
+    assert exact.values["exact"].tolist() == geneval.values["exact"].tolist() == [1, 0, 1, 0, 0]  # nothing more
+    assert exact.values["strict"].tolist() == [1, 1, 1, 1, 0]  # the held-out figure stays GenEval's
+    assert exact.values["score"].tolist() == geneval.values["score"].tolist()  # partial credit is GenEval's
+    assert torch.equal(exact.scores, exact.values["exact"]) and torch.equal(geneval.scores, geneval.values["strict"])
+    # with the world's exclude clause (count + 1), four triangles already fail "three triangles"
+    assert not ShapeEvalReward()(images[3:4], prompts[3:4], [single("triangle", 3) | {"exclude": [
+        {"class": "triangle", "count": 4}]}]).values["strict"].item()
+    for bad in (1, "yes", None):
+        with pytest.raises(UserError, match=r"^the shapeeval reward's parameter 'exact' must be true or false"):
+            ShapeEvalReward(exact=bad)
+
+
+def test_exact_passes_every_faithful_render():
+    records = generate_records("test")
+    images = render_batch(records, np.random.default_rng(5))
+    out = ShapeEvalReward(exact=True)(images, [r["prompt"] for r in records], records)
+    assert out.values["exact"].all() and torch.equal(out.values["blobs"], out.values["named"])

@@ -111,6 +111,8 @@ def run_shapes(args) -> int:
     o = summary["overall"]
     print(f"clean shapes   {o['clean_fraction']:.3f} +-{o['clean_ci95']:.3f} of the {o['blobs']} blobs drawn "
           "(the rest: fused, multi-coloured, ragged or implausible)")
+    print(f"shapes drawn   {o['blobs_per_image']:.2f} +-{o['blobs_per_image_ci95']:.2f} per image for "
+          f"{o['named_per_image']:.2f} named (GenEval's at-least rule accepts more than named)")
     print(f"wrote {out / 'results.json'} and {out / 'grid.png'}")
     return 0
 

@@ -1,4 +1,4 @@
-"""Run logging: metrics.jsonl, TensorBoard events, optional wandb, and a reward/KL curve PNG."""
+"""Run logging: metrics.jsonl, TensorBoard events, optional wandb, and curves.png (reward, KL, eval, health)."""
 
 from __future__ import annotations
 
@@ -73,8 +73,120 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def rolling_mean(values: list[float], window: int) -> list[float]:
+    """Trailing rolling mean: entry i is the mean of values[max(0, i - window + 1) : i + 1]."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def smoothing_window(n: int) -> int:
+    """The rolling-mean window of an n-point per-step series: max(3, n // 10)."""
+    return max(3, n // 10)
+
+
+def _series(rows: list[dict], *keys: str) -> tuple[list, list]:
+    """(steps, values) of the first of `keys` present (not None) in each row that has a step."""
+    steps, values = [], []
+    for r in rows:
+        v = next((r[k] for k in keys if r.get(k) is not None), None)
+        if v is not None and "step" in r:
+            steps.append(r["step"])
+            values.append(v)
+    return steps, values
+
+
+def flip_profile(rows: list[dict], fraction: float = 0.1) -> dict[str, tuple[list[int], list[float]]]:
+    """Token flip rate against sampling step k, averaged over the first and the last `fraction` of the rows
+    that log `health/flip/kNN`: {"first": (ks, rates), "last": (ks, rates)}; {} when none logs it."""
+    keys = sorted({k for r in rows for k in r if k.startswith("health/flip/k")}, key=lambda k: int(k[13:]))
+    logged = [r for r in rows if any(r.get(k) is not None for k in keys)]
+    if not logged:
+        return {}
+    n = max(1, math.ceil(fraction * len(logged)))
+    out = {}
+    for name, part in (("first", logged[:n]), ("last", logged[-n:])):
+        ks, rates = [], []
+        for k in keys:
+            got = [r[k] for r in part if r.get(k) is not None]
+            if got:
+                ks.append(int(k[13:]))
+                rates.append(sum(got) / len(got))
+        out[name] = (ks, rates)
+    return out
+
+
+# per-step panels: (title, y label, [(legend, keys: the namespaced key, then older flat ones)])
+_CORE = [("train reward per step", "reward", [("train reward (mean)", ("reward/mean", "reward_mean"))]),
+         ("KL to the reference", "KL (k3)", [("KL (k3)", ("train/kl", "kl"))])]
+_HEALTH = [("token flip rate", "fraction of tokens changed per sampling step",
+            [("mean over sampling steps", ("health/flip_rate",))]),
+           ("codebook entropy (final samples)", "nats", [("entropy", ("health/codebook_entropy",))]),
+           ("within-group diversity", "mean pairwise Hamming fraction",
+            [("diversity", ("health/group_diversity",))]),
+           ("zero-variance groups", "fraction of groups",
+            [("all-equal rewards", ("reward/zero_var_frac",)), ("zero std (train)", ("train/zero_std_fraction",))]),
+           ("extra rollouts", "rollouts per step", [("extra rollouts", ("train/extra_rollouts",))])]
+_EVAL = [("held-out strict", ("eval/strict", "strict")), ("held-out score", ("eval/score", "score")),
+         ("held-out clean", ("eval/clean",))]
+
+
+def _per_step(ax, rows: list[dict], lines: list) -> None:
+    """Each series raw (thin, transparent) with its rolling mean on top when it has two windows of points."""
+    for label, keys in lines:
+        steps, values = _series(rows, *keys)
+        if not steps:
+            continue
+        w = smoothing_window(len(values))
+        smooth = len(values) >= 2 * w
+        (raw,) = ax.plot(steps, values, "-", lw=0.8 if smooth else 1.5, alpha=0.35 if smooth else 1.0,
+                         label=None if smooth else label)
+        if smooth:
+            ax.plot(steps, rolling_mean(values, w), "-", lw=2, color=raw.get_color(), label=f"{label} (mean of {w})")
+
+
+def _held_out(ax, evals: list[dict], lines: list) -> None:
+    """Held-out points joined by lines, with 95% error bars where `eval/ci95/NAME` is logged."""
+    for label, keys in lines:
+        steps, values = _series(evals, *keys)
+        if not steps:
+            continue
+        ci = [r.get(f"eval/ci95/{keys[0][5:]}") for r in evals if any(r.get(k) is not None for k in keys)]
+        if all(isinstance(c, int | float) and math.isfinite(c) for c in ci):
+            ax.errorbar(steps, values, yerr=ci, fmt="o-", markersize=3, capsize=2, label=label)
+        else:
+            ax.plot(steps, values, "o-", markersize=3, label=label)
+
+
+def _flip_profile(ax, profile: dict[str, tuple[list[int], list[float]]]) -> None:
+    for name, (ks, rates) in profile.items():
+        ax.plot(ks, rates, "o-", markersize=3, label=f"{name} 10% of steps")
+    ax.set(xlabel="sampling step k", ylabel="fraction of tokens changed", title="flip rate per sampling step")
+    ax.legend(fontsize=7)
+
+
+def _finish(ax, ylabel: str, title: str) -> None:
+    ax.set(xlabel="step", ylabel=ylabel, title=title)
+    if ax.lines or ax.containers:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
+
+
+def _has(rows: list[dict], lines: list) -> bool:
+    return any(r.get(k) is not None for r in rows for _, keys in lines for k in keys)
+
+
 def plot_curves(run_dir: Path, out: Path | None = None) -> Path:
-    """curves.png: train reward mean, held-out eval metrics and KL against step, each in its own labelled panel.
+    """curves.png: a grid of labelled panels against step. Always: train reward, held-out eval figures (95%
+    error bars from `eval/ci95/NAME`) and KL to the reference ("no data" when absent); then, for the keys a run
+    logs: token flip rate, its profile over sampling steps k (first vs last 10% of training), codebook entropy,
+    within-group diversity, zero-variance group fraction, and blobs drawn vs objects named per image (train and
+    held-out). Per-step series are drawn thin with a rolling mean (`smoothing_window`) on top.
 
     Reads the namespaced keys (`reward/mean`, `train/kl`, `eval/strict` ...) or the older flat ones
     (`reward_mean`, `kl`, `strict` ...); a line whose key is absent is left out.
@@ -84,34 +196,30 @@ def plot_curves(run_dir: Path, out: Path | None = None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def series(rows: list[dict], *keys: str) -> tuple[list, list]:
-        steps, values = [], []
-        for r in rows:
-            v = next((r[k] for k in keys if r.get(k) is not None), None)
-            if v is not None and "step" in r:
-                steps.append(r["step"])
-                values.append(v)
-        return steps, values
-
     run_dir = Path(run_dir)
     rows, evals = read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "eval.jsonl")
-    fig, (ax_r, ax_e, ax_k) = plt.subplots(1, 3, figsize=(14, 3.8))
-    panels = [
-        (ax_r, rows, [("train reward (mean)", ("reward/mean", "reward_mean"))], "reward", "train reward per step"),
-        (ax_e, evals, [("held-out strict", ("eval/strict", "strict")), ("held-out score", ("eval/score", "score"))],
-         "accuracy / score", "held-out eval"),
-        (ax_k, rows, [("KL (k3)", ("train/kl", "kl"))], "KL (k3)", "KL to the reference"),
-    ]
-    for ax, source, lines, ylabel, title in panels:
-        for label, keys in lines:
-            steps, values = series(source, *keys)
-            if steps:
-                ax.plot(steps, values, "o-" if source is evals else "-", label=label, markersize=3)
-        ax.set(xlabel="step", ylabel=ylabel, title=title)
-        if ax.lines:
-            ax.legend()
-        else:
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
+    evals = [r for r in evals if "step" in r]
+    profile = flip_profile(rows)
+    shapes_train = [("train blobs drawn", ("reward/blobs",)), ("train objects named", ("reward/named",))]
+    shapes_eval = [("held-out blobs drawn", ("eval/blobs",)), ("held-out objects named", ("eval/named",))]
+    draws = [lambda ax: (_per_step(ax, rows, _CORE[0][2]), _finish(ax, _CORE[0][1], _CORE[0][0])),
+             lambda ax: (_held_out(ax, evals, _EVAL), _finish(ax, "accuracy / score", "held-out eval")),
+             lambda ax: (_per_step(ax, rows, _CORE[1][2]), _finish(ax, _CORE[1][1], _CORE[1][0]))]
+    for title, ylabel, lines in _HEALTH:
+        if _has(rows, lines):
+            draws.append(lambda ax, t=title, y=ylabel, ls=lines: (_per_step(ax, rows, ls), _finish(ax, y, t)))
+        if title == "token flip rate" and profile:
+            draws.append(lambda ax: _flip_profile(ax, profile))
+    if _has(rows, shapes_train) or _has(evals, shapes_eval):
+        draws.append(lambda ax: (_per_step(ax, rows, shapes_train), _held_out(ax, evals, shapes_eval),
+                                 _finish(ax, "per image", "blobs drawn vs objects named")))
+    ncols = 3
+    nrows = math.ceil(len(draws) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.7 * ncols, 3.8 * nrows), squeeze=False)
+    for ax, draw in zip(axes.flat, draws):
+        draw(ax)
+    for ax in list(axes.flat)[len(draws):]:
+        ax.remove()
     fig.tight_layout()
     out = Path(out or run_dir / "curves.png")
     save_figure(fig, out)

@@ -164,9 +164,15 @@ def _count(census: dict | None, blobs: int, clean: int) -> None:
         census["clean"] = census.get("clean", 0) + int(clean)
 
 
+def named_objects(record: dict) -> int:
+    """The number of objects a GenEval record names: the sum of its include counts."""
+    return sum(int(clause["count"]) for clause in record.get("include", []))
+
+
 def score_images(images, records: list[dict], **kwargs) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """(scores float[B], strict bool[B], details per image) for uint8 images [B, H, W, 3] (numpy or torch).
-    Details: `evaluate`'s, plus the image's census "blobs" and "clean" (see `detect`)."""
+    Details: `evaluate`'s, plus the image's census "blobs" and "clean" (see `detect`) and "named" (the
+    objects its record names, `named_objects`)."""
     images = to_uint8_images(images)
     records = ShapeEvalReward.records(records, len(records))
     if len(images) != len(records):
@@ -176,7 +182,7 @@ def score_images(images, records: list[dict], **kwargs) -> tuple[np.ndarray, np.
     for i, (image, lab, rec) in enumerate(zip(images, labels, records)):
         census = {"blobs": 0, "clean": 0}
         scores[i], stricts[i], info = evaluate(rec, detect(image, lab, census=census, **kwargs))
-        details.append({**info, **census})
+        details.append({**info, **census, "named": named_objects(rec)})
     return scores, stricts, details
 
 
@@ -184,19 +190,26 @@ class ShapeEvalReward(GenEvalRecordsReward):
     """Reward protocol: scores = (1 - w) * partial-credit GenEval score + w * strict 0/1 - c * (1 - clean),
     with w = `strict` (false = 0: the score alone; true = 1: strict alone), c = `clean` and clean = the
     image's fraction of drawn blobs that are clean shapes (1 when it draws none; see `detect`'s census).
-    values = {"strict": 0/1, "score": partial credit, "clean": clean}. Metadata records are required."""
+    With `exact`, strict also needs the image to draw no more than its record names: its non-speck blobs
+    (the census "blobs") must number the objects named (the sum of the include counts), so extra shapes,
+    which GenEval's at-least rule accepts, fail; partial credit stays GenEval's. values = {"strict": GenEval's
+    0/1 (whatever `exact` says, so held-out figures compare across rewards), "exact": strict with no more blobs
+    than named, "score": partial credit, "clean": clean, "blobs": blobs drawn, "named": objects named}.
+    Metadata records are required."""
 
     reward_name = "ShapeEval"
     records_hint = "the tiny world's records, e.g. shapes:train, or a .jsonl of GenEval records over its classes"
     vocabulary = staticmethod(world_vocabulary)
 
-    def __init__(self, strict: bool | float = False, clean: float = 0.0, min_area: int = 12, min_side: int = 4,
-                 max_side: int = MAX_SIDE, min_aspect: float = MIN_ASPECT, min_iou: float = 0.6,
+    def __init__(self, strict: bool | float = False, clean: float = 0.0, exact: bool = False, min_area: int = 12,
+                 min_side: int = 4, max_side: int = MAX_SIDE, min_aspect: float = MIN_ASPECT, min_iou: float = 0.6,
                  colour_threshold: float = 70.0) -> None:
         self.strict = strict_weight(strict, "shapeeval")
         if isinstance(clean, bool) or not isinstance(clean, (int, float)) or clean < 0:
             raise UserError(f"the shapeeval reward's parameter 'clean' must be a weight >= 0, got {clean!r}.")
-        self.clean = float(clean)
+        if not isinstance(exact, bool):
+            raise UserError(f"the shapeeval reward's parameter 'exact' must be true or false, got {exact!r}.")
+        self.clean, self.exact = float(clean), exact
         self.detector_kwargs = {"min_area": min_area, "min_side": min_side, "max_side": max_side,
                                 "min_aspect": min_aspect, "min_iou": min_iou, "colour_threshold": colour_threshold}
 
@@ -207,15 +220,22 @@ class ShapeEvalReward(GenEvalRecordsReward):
             images, list(metadata) if metadata is not None else [None] * len(prompts), **self.detector_kwargs)
         score_t, strict_t = torch.from_numpy(scores).float(), torch.from_numpy(stricts).float()
         clean = torch.tensor([d["clean"] / d["blobs"] if d["blobs"] else 1.0 for d in details])
-        return RewardOutput(blend_strict(score_t, strict_t, self.strict) - self.clean * (1 - clean),
-                            {"strict": strict_t, "score": score_t, "clean": clean})
+        blobs = torch.tensor([float(d["blobs"]) for d in details])
+        named = torch.tensor([float(d["named"]) for d in details])
+        exact_t = strict_t * (blobs == named).float()
+        return RewardOutput(blend_strict(score_t, exact_t if self.exact else strict_t, self.strict)
+                            - self.clean * (1 - clean), {"strict": strict_t, "exact": exact_t, "score": score_t,
+                                                         "clean": clean, "blobs": blobs, "named": named})
 
 
 def evaluate_images(images, records: list[dict], **kwargs) -> dict:
     """ShapeEval summary: {"per_tag": {tag: {"strict", "score", "n", "strict_ci95", "score_ci95"}},
-    "overall": {the same keys, "strict_images", "score_images", "clean_fraction", "clean_ci95", "blobs"}}.
+    "overall": {the same keys, "strict_images", "score_images", "clean_fraction", "clean_ci95", "blobs",
+    "blobs_per_image", "blobs_per_image_ci95", "named_per_image"}}.
     Overall strict / score are the mean over tags (as GenEval's overall score); *_images are the means over
-    all images; clean_fraction = clean shapes / non-speck blobs drawn (see `detect`'s census); *_ci95 are 95%
+    all images; clean_fraction = clean shapes / non-speck blobs drawn (see `detect`'s census); blobs = those
+    blobs in all, blobs_per_image their mean per image against named_per_image, the mean number of objects the
+    records name (more drawn than named is what GenEval's at-least rule lets pass); *_ci95 are 95%
     half-widths (`udm_grpo.stats`; for clean_fraction, blobs are treated as independent)."""
     from ..stats import half_width, mean_of_groups_half_width
 
@@ -237,4 +257,8 @@ def evaluate_images(images, records: list[dict], **kwargs) -> dict:
     overall["clean_fraction"] = clean / blobs if blobs else 0.0
     overall["clean_ci95"] = half_width(np.r_[np.ones(clean), np.zeros(blobs - clean)]) if blobs else 0.0
     overall["blobs"] = blobs
+    per_image = np.array([d["blobs"] for d in details], dtype=np.float64)
+    overall["blobs_per_image"] = float(per_image.mean()) if len(records) else 0.0
+    overall["blobs_per_image_ci95"] = half_width(per_image) if len(records) else 0.0
+    overall["named_per_image"] = float(np.mean([d["named"] for d in details])) if len(records) else 0.0
     return {"per_tag": per_tag, "overall": overall}

@@ -189,6 +189,7 @@ def command_args(tmp_path: Path) -> dict[str, list]:
     return {
         "train": ["train", *TINY],
         "ablate": ["ablate", "--steps", "1"],
+        "compare": ["compare", "--steps", "1", "--variant", "a"],
         "pretrain": ["pretrain", "steps=1"],
         "sample": ["sample", "a photo of a circle", *FAST],
         "export": ["export", "--checkpoint", make_run(tmp_path / "run")],

@@ -103,7 +103,6 @@ def test_old_logp_ratio_and_clipping():
     adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
     logits = (feats @ weight).detach().requires_grad_()
     logp = action_log_probs(logits, actions)
-    seq = logp.detach().mean(1)
     eps = 0.1
     # sample 0: r = e^0.5 > 1 + eps with A > 0 -> clipped; sample 1: r = e^-0.5 with A > 0 -> not clipped;
     # sample 2: r = e^-0.5 < 1 - eps with A < 0 -> clipped; sample 3: r = e^0.01 inside the trust region.

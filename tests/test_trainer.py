@@ -165,14 +165,15 @@ def test_ablation_ladder_writes_table_and_plot(tmp_path, capsys):
     rows = run_ablation(None, overrides, tmp_path / "abl", steps=2, cfg_scale=2.0, make_trainer=trainer)
     assert [r["variant"] for r in rows] == list(VARIANTS)
     out = capsys.readouterr().out
-    assert all(f"ablation variant {i}/4: {name}" in out for i, name in enumerate(VARIANTS, 1))
+    assert all(f"ablation run {i}/4: {name} seed 0 (" in out for i, name in enumerate(VARIANTS, 1))
     table = (tmp_path / "abl" / "ablation.md").read_text()
-    assert all(name in table for name in VARIANTS)
+    assert all(f"| {name} | 0 |" in table for name in VARIANTS)
     assert (tmp_path / "abl" / "ablation.png").stat().st_size > 0
+    assert json.loads((tmp_path / "abl" / "ablation.json").read_text())["results"]["metric"] == "eval/reward"
     # The CFG variants ran guided rollouts, the last one did not.
     import yaml
 
-    guidance = [yaml.safe_load((tmp_path / "abl" / v / "config.yaml").read_text())["sampling"]["rollout"]
+    guidance = [yaml.safe_load((tmp_path / "abl" / v / "seed-0" / "config.yaml").read_text())["sampling"]["rollout"]
                 ["guidance_scale"] for v in VARIANTS]
     assert guidance == [2.0, 2.0, 2.0, 1.0]
 

@@ -16,6 +16,7 @@ from .errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("udm_grpo.commands.train", "UDM-GRPO fine-tuning (default: the tiny world with ShapeEval)"),
     "ablate": ("udm_grpo.commands.ablate", "train the paper's ablation ladder and write a table and plot"),
+    "compare": ("udm_grpo.commands.compare", "train recipe variants x seeds and compare their held-out gains"),
     "pretrain": ("udm_grpo.commands.pretrain", "build and pretrain a tiny-world URSA model from scratch"),
     "sample": ("udm_grpo.commands.sample", "prompts -> a PNG grid of samples"),
     "eval": ("udm_grpo.commands.evaluate", "evaluate a model: shapes (tiny world), geneval, pickscore, ocr"),

@@ -2,5 +2,5 @@
 
 The modules are imported by name; this file imports nothing."""
 
-__all__ = ["ablate", "ablation", "common", "data", "evaluate", "export", "pretrain", "sample", "score", "serve_reward",
-           "train", "verdict"]
+__all__ = ["ablate", "ablation", "common", "compare", "comparison", "data", "evaluate", "export", "pretrain", "sample",
+           "score", "serve_reward", "train", "verdict"]

@@ -110,6 +110,10 @@ def test_reused_rollouts_add_the_old_policy_pass(capsys):
     assert "old-policy forward" not in once["flops"]
     assert twice["flops"]["old-policy forward"] == pytest.approx(twice["flops"]["reference forward"])
     assert twice["flops"]["training step"] == pytest.approx(2 * once["flops"]["training step"])
+    assert main([*base, "training.reuse_rollouts=3"]) == 0  # three rollouts trained per step, one update
+    reuse = json.loads(capsys.readouterr().out)
+    assert reuse["flops"]["old-policy forward"] == pytest.approx(twice["flops"]["reference forward"])
+    assert reuse["flops"]["training step"] == pytest.approx(3 * once["flops"]["training step"])
 
 
 def _simulate(capsys, *overrides, processes=1):

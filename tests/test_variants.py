@@ -215,3 +215,15 @@ def test_health_and_progress_are_logged(tmp_path):
     assert row["progress/rollout_images"] == 16 and row["progress/minutes"] > 0
     evals = [json.loads(x) for x in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
     assert [e["progress/rollout_images"] for e in evals] == [0, 16]
+
+
+def test_dynamic_sampling_needs_whole_groups_per_process(capsys):
+    from udm_grpo.cli import main
+
+    args = ["train", "--check", "--processes", "4", "sampling.num_prompts_per_step=6", "training.micro_batch_size=4"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args, "sampling.dynamic_sampling=true"]) == 2
+    err = capsys.readouterr().err
+    assert "sampling.dynamic_sampling needs each of the 4 processes to hold whole groups" in err
+    assert "Traceback" not in err

@@ -3,7 +3,7 @@
 
 Checked: every key's rule and the cross-field checks of the config (`config.validate_config`, so a `Config`
 built in code is checked as one loaded from YAML), the engine and its offload keys, the batch plan for the number of
-processes, the reward's name and parameters, the model folder's layout, the rollout image size against the
+processes (whole groups per process under dynamic sampling), the reward's name and parameters, the model folder's layout, the rollout image size against the
 tokenizer's stride, the prompt sources (readable, non-empty, and records the reward can score) and the held-out
 set built from them. The trainer runs it before it sets anything up.
 """
@@ -50,6 +50,9 @@ def check_start(cfg: Config, world: int, pipeline=None, reward_given: bool = Fal
     if problem:
         raise ConfigError(problem)
     plan = plan_from_config(cfg, world)
+    if cfg.sampling.dynamic_sampling and cfg.sampling.num_prompts_per_step % world:
+        raise ConfigError(f"sampling.dynamic_sampling needs each of the {world} processes to hold whole groups: make "
+                          f"sampling.num_prompts_per_step ({cfg.sampling.num_prompts_per_step}) a multiple of {world}.")
     if not reward_given:
         check_reward(cfg.reward.name, cfg.reward.params)
     folder, index = None, {}

@@ -381,6 +381,7 @@ class Iteration:
     sampling_steps: int
     offload_optimizer: bool = False
     offload_param: bool = False
+    reuse: int = 1  # rollouts trained per step (training.reuse_rollouts)
 
     @classmethod
     def from_run(cls, cfg, folder, index: dict, plan, spec, codebook: int | None = None) -> Iteration:
@@ -404,7 +405,7 @@ class Iteration:
                    cfg.reward.kl_beta > 0, cfg.model.lora, plan.micro_batch_size,
                    min(r.batch_size or plan.images_per_process, plan.images_per_process), plan.images_per_process,
                    plan.train_steps, t.updates_per_rollout, r.num_inference_steps,
-                   t.offload_optimizer, t.offload_param)
+                   t.offload_optimizer, t.offload_param, t.reuse_rollouts)
 
     @property
     def module_dtype(self) -> torch.dtype | None:
@@ -415,15 +416,17 @@ class Iteration:
         """`simulate_phases` keyword arguments."""
         return dict(config=self.config, micro_batch=self.micro_batch, rollout_batch=self.rollout_batch,
                     text_tokens=self.text_tokens, grid=self.grid, bf16=self.bf16, gradient_checkpointing=self.level,
-                    guidance=self.guidance, reference=self.reference, old_policy=self.updates > 1, vae=self.vae,
+                    guidance=self.guidance, reference=self.reference, old_policy=self.updates > 1 or self.reuse > 1,
+                    vae=self.vae,
                     lora=self.lora, module_dtype=self.module_dtype)
 
     def calls(self) -> dict[str, int]:
-        """How often each phase runs per iteration."""
+        """How often each phase runs per iteration (steady state: R = `reuse` rollouts trained, no refills of
+        dynamic sampling)."""
         rollouts = -(-self.images // self.rollout_batch)
         accum = self.images // self.micro_batch * self.train_steps
         return {"rollout step": self.sampling_steps * rollouts, "rollout decode": rollouts,
-                "reference forward": accum, "old-policy forward": accum, "training step": accum * self.updates,
+                "reference forward": accum, "old-policy forward": accum, "training step": accum * self.updates * self.reuse,
                 "optimizer step": self.updates}
 
 

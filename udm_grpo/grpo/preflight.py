@@ -3,9 +3,9 @@
 
 Checked: every key's rule and the cross-field checks of the config (`config.validate_config`, so a `Config`
 built in code is checked as one loaded from YAML), the engine and its offload keys, the batch plan for the number of
-processes (whole groups per process under dynamic sampling), the reward's name and parameters, the model folder's layout, the rollout image size against the
-tokenizer's stride, the prompt sources (readable, non-empty, and records the reward can score) and the held-out
-set built from them. The trainer runs it before it sets anything up.
+processes (whole groups per process under dynamic sampling), the reward's name and parameters, the model
+folder's layout, the rollout image size against the tokenizer's stride, the prompt sources (readable, non-empty,
+and records the reward can score) and the held-out set built from them. The trainer runs it before it sets anything up.
 """
 
 from __future__ import annotations

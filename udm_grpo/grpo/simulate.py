@@ -426,8 +426,8 @@ class Iteration:
         rollouts = -(-self.images // self.rollout_batch)
         accum = self.images // self.micro_batch * self.train_steps
         return {"rollout step": self.sampling_steps * rollouts, "rollout decode": rollouts,
-                "reference forward": accum, "old-policy forward": accum, "training step": accum * self.updates * self.reuse,
-                "optimizer step": self.updates}
+                "reference forward": accum, "old-policy forward": accum,
+                "training step": accum * self.updates * self.reuse, "optimizer step": self.updates}
 
 
 _SHAPES: dict[str, tuple] = {}  # (URSAConfig, LoRA) -> (memory.Shape, trainable parameters)

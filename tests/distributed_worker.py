@@ -35,6 +35,7 @@ from udm_grpo.grpo.rollout import Rollout, rollout
 from udm_grpo.grpo.states import TrainingStates, pick_train_steps
 
 from .test_trainer import Brightness, make_config, trainer
+from .test_variants import HalfConstant
 
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 RECIPES = {
@@ -45,6 +46,10 @@ RECIPES = {
 }
 RECIPES["lora-bf16"] = {**RECIPES["lora"], "model.dtype": "bfloat16"}  # a bf16 frozen base, float32 adapters
 RECIPES["bf16"] = {**RECIPES["default"], "model.dtype": "bfloat16"}  # float32 masters, bf16 compute
+RECIPES["variants"] = {**RECIPES["default"], "training.reuse_rollouts": 2, "data.curriculum": True,  # issue 25's keys
+                       "reward.per_prompt_stats": True, "reward.importance_sampling_level": "token",
+                       "reward.ratio_clipping": 0.2, "reward.ratio_clipping_high": 0.3, "reward.scale_rewards": "batch"}
+RECIPES["dynamic"] = {**RECIPES["default"], "sampling.dynamic_sampling": True}  # with a reward of equal-score groups
 MEASURE_STATE = os.environ.get("UDM_GRPO_ENGINE_STATE") == "1"
 
 
@@ -267,7 +272,7 @@ def main(out: Path, recipe: str, engine: str = "ddp", resume: str | None = None)
         cfg.training.max_steps, cfg.experiment.resume_from_checkpoint = 4, resume
     if MEASURE_STATE:
         cfg.training.max_steps = 3  # the second is skipped (a non-finite loss): the third update is measured
-    tr = trainer(cfg, Brightness())
+    tr = trainer(cfg, HalfConstant() if recipe == "dynamic" else Brightness())
     trainer_mod.grpo_loss = nan_on_last_process(tr)
     if MEASURE_STATE:
         measure_update(tr, out)

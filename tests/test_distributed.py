@@ -34,7 +34,7 @@ def launch(out: Path, processes: int, recipe: str, engine: str = "ddp", resume: 
             "engine": json.loads((out / "engine.json").read_text())}
 
 
-@pytest.mark.parametrize("recipe", ["default", "simplified"])
+@pytest.mark.parametrize("recipe", ["default", "simplified", "variants"])
 def test_two_processes_match_one(tmp_path, recipe):
     one, two = launch(tmp_path / "one", 1, recipe), launch(tmp_path / "two", 2, recipe)
     # Step 2 had a non-finite loss on the last process only: both layouts skipped it, and went on.
@@ -58,3 +58,15 @@ def test_two_processes_match_one(tmp_path, recipe):
     assert moved > 1e-3 and worst < 1e-3 * moved, (moved, worst)
     # Each process wrote its own RNG state into the checkpoint.
     assert {p.name for p in two["folder"].glob("rng*")} == {"rng.rank0.safetensors", "rng.rank1.safetensors"}
+
+
+def test_dynamic_sampling_on_two_processes(tmp_path):
+    """Each process refills until it holds its share of groups whose rewards differ: the refills are whole groups
+    per process, every process trains the same number of samples (no collective waits alone), and the counter
+    adds the extra images of both."""
+    two = launch(tmp_path / "two", 2, "dynamic")
+    rows = [r for r in two["rows"] if "train/skipped" not in r]
+    assert rows and all(r["train/extra_rollouts"] % 8 == 0 for r in rows)  # 2 processes x whole groups of 4
+    assert any(r["train/extra_rollouts"] for r in two["rows"])
+    assert two["rows"][-1]["progress/rollout_images"] == sum(8 + r.get("train/extra_rollouts", 0)
+                                                             for r in two["rows"])

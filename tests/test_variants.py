@@ -56,7 +56,7 @@ class HalfConstant:
 
     def __call__(self, images, prompts, metadata):
         s = torch.as_tensor(images).float().mean(dim=(1, 2, 3)) / 255
-        s = torch.where(torch.tensor(["red" in p for p in prompts]), s, torch.full_like(s, 0.5))
+        s = torch.where(torch.tensor(["red" in p for p in prompts], dtype=torch.bool), s, torch.full_like(s, 0.5))
         return RewardOutput(scores=s, values={"brightness": s})
 
 

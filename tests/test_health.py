@@ -129,14 +129,11 @@ def test_hacking_is_named_with_its_numbers(tmp_path):
     """The train reward rises while held-out partial credit falls and the policy draws twice the shapes named."""
     first, last = evals(strict=0.7, score=0.6, blobs=3.9)
     text = verdict(first, last, RECORDS, 40, 2.0, tmp_path, True, metrics=health_rows())
-    lines = warnings(text)
-    assert len(lines) == 2, text
-    score, blobs = lines
-    assert score.startswith("warning: reward hacking? the train reward rose ")
-    assert "means of the first and last 10 steps)" in score
-    assert "held-out score went 0.800 -> 0.600 (-0.200, noise +-0.042)" in score
-    assert "held-out blobs went 1.900 -> 3.900 (+2.000, noise +-0.141)" in blobs
-    assert all("more shapes than named" in ln and "reward.params.exact=true" in ln for ln in lines)
+    (line,) = warnings(text)  # one line names every figure that moved the bad way
+    assert line.startswith("warning: reward hacking? the train reward rose ")
+    assert "means of the first and last 10 steps)" in line
+    assert "held-out score fell 0.800 -> 0.600, blobs rose 1.900 -> 3.900 (each beyond the noise" in line
+    assert "more shapes than named" in line and "reward.params.exact=true" in line
     assert "named " not in text.splitlines()[2]  # the constant `named` is no before/after column
     assert "  shapes drawn per image: 1.90 -> 3.90 (+-0.10) for 1.85 named." in text
 

@@ -8,9 +8,9 @@ Warnings (`health_warnings`), from the run's metrics.jsonl and its first and las
   more than the 95% interval of a difference of two means, 1.96 sqrt(s_a^2 / n_a + s_b^2 / n_b) with the
   per-step values taken as independent samples, while a held-out figure moves the bad way beyond the noise of
   two evaluations, sqrt(h_first^2 + h_last^2) (their 95% half-widths): `strict`, `score`, `clean` (any figure)
-  falling, or `blobs` (shapes drawn per image) rising to above `named` (objects named per image). One line per
-  figure; a falling `score` is put down to extra shapes when blobs end over 25% above named, or rose and end
-  above it;
+  falling, or `blobs` (shapes drawn per image) rising to above `named` (objects named per image). One line
+  names them all, with the meaning of the first (a falling `score` or rising `blobs` is put down to extra shapes
+  when blobs end over 25% above named, or rose and end above it);
 - more drawn than named (tiny world): held-out blobs per image exceed the objects named per image by more than
   `EXCESS` (25%) while before training they did not (only when the blobs line above did not fire);
 - diversity collapse: the mean of `health/group_diversity` over the last WINDOW steps is under half that of
@@ -89,19 +89,21 @@ def health_warnings(first: dict, last: dict, metrics: list[dict]) -> list[str]:
         blobs = _change(first, last, "blobs")
         excess = _drawn_beyond_named(last)
         more = excess > EXCESS or excess > 0 and blobs[1] - blobs[0] > blobs[2]  # nan compares false
+        bad = []
         for n in names:
             before, after, h = _change(first, last, n)
             if n == "blobs":  # a rise is bad when it ends above the objects named (or they are not logged)
-                bad = after - before > h and not excess <= 0
-            else:
-                bad = before - after > h
-            if not bad:
-                continue
-            meaning = MORE_THAN_NAMED if n in ("blobs", "score") and more else MEANING.get(
-                n, "the optimised reward and this held-out figure disagree; look at samples/step-N.png")
-            lines.append(f"warning: reward hacking? {trend} while held-out {n} went {before:.3f} -> {after:.3f} "
-                         f"({after - before:+.3f}, noise +-{h:.3f}): {meaning}.")
-            blobs_line |= n == "blobs"
+                if after - before > h and not excess <= 0:
+                    bad.append((n, f"{n} rose {before:.3f} -> {after:.3f}"))
+            elif before - after > h:
+                bad.append((n, f"{n} fell {before:.3f} -> {after:.3f}"))
+        if bad:
+            figures = [n for n, _ in bad]
+            meaning = MORE_THAN_NAMED if more and {"blobs", "score"} & set(figures) else MEANING.get(
+                figures[0], "the optimised reward and these held-out figures disagree; look at samples/step-N.png")
+            lines.append(f"warning: reward hacking? {trend} while held-out {', '.join(text for _, text in bad)} "
+                         f"(each beyond the noise of two evaluations): {meaning}.")
+            blobs_line = "blobs" in figures
     excess, base = _drawn_beyond_named(last), _drawn_beyond_named(first)
     if not blobs_line and excess > EXCESS and base <= EXCESS:
         lines.append(f"warning: held-out images draw {last['eval/blobs']:.2f} shapes per image for "

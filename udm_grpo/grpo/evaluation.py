@@ -39,3 +39,14 @@ def summarise_eval(records: list[dict], scores: torch.Tensor, values: dict[str, 
         for t, x in by_tag.items():
             out[f"eval/{name}/{t}"], out[f"eval/ci95/{name}/{t}"] = x.mean().item(), half_width(x)
     return out
+
+
+def save_samples(images, records: list[dict], path) -> None:
+    """A 4-column grid of up to 16 evenly spaced held-out images (uint8 [B, H, W, 3]), each captioned with its
+    record's prompt."""
+    from ..images import make_grid, save_png
+
+    if not len(images):
+        return
+    pick = sorted(set(torch.linspace(0, len(images) - 1, min(16, len(images))).long().tolist()))
+    save_png(make_grid(images[pick], nrow=4, scale=2, captions=[records[i]["prompt"] for i in pick]), path)

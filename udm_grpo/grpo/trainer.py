@@ -37,7 +37,7 @@ from .checkpoint import begin_checkpoint, commit_checkpoint, load_checkpoint, re
 from .collect import Batch, Drawn, collect
 from .control import StopOnSigint, all_processes
 from .engine import build_engine, plain_accelerator_env, world_layout
-from .evaluation import summarise_eval
+from .evaluation import save_samples, summarise_eval
 from .logger import RunLogger, plot_curves
 from .objective import action_log_probs, grpo_loss, token_entropy
 from .policy import ImageLogits, MicroBatch, adapters_disabled, build_policy, micro_batch_logits
@@ -282,18 +282,6 @@ class UDMGRPOTrainer:
         local = torch.as_tensor(values).float().to(self.acc.device)
         return self.acc.gather(self.acc.pad_across_processes(local)).cpu()[:n]
 
-    def _save_samples(self) -> None:
-        """16 of the main process's held-out images, each captioned with its prompt."""
-        from ..images import make_grid, save_png
-
-        images = self._last_eval_images
-        if not self.acc.is_main_process or images is None or not len(images):
-            return
-        pick = sorted(set(torch.linspace(0, len(images) - 1, min(16, len(images))).long().tolist()))
-        captions = [self.eval_records[i]["prompt"] for i in pick]
-        save_png(make_grid(images[pick], nrow=4, scale=2, captions=captions),
-                 self.run_dir / "samples" / f"step-{self.step:06d}.png")
-
     # ---- checkpoints --------------------------------------------------------------------------
     def save(self) -> Path:
         """Write `<run>/checkpoints/step-N` atomically (all processes take part) and return it."""
@@ -433,6 +421,8 @@ class UDMGRPOTrainer:
         result = self.evaluate()
         if self.logger:
             self.logger.log(self.step, {**result, **self._progress()}, "eval.jsonl")
-            self._save_samples()
+            if self._last_eval_images is not None:
+                save_samples(self._last_eval_images, self.eval_records,
+                             self.run_dir / "samples" / f"step-{self.step:06d}.png")
         return result
 

@@ -178,3 +178,24 @@ def test_collect_reads_strict_and_progress_and_falls_back_for_older_runs(tmp_pat
     with pytest.raises(UserError, match=r"--metric clean: not in every run's last evaluation; choose one of strict"):
         collect(out, [Variant("new")], [0, 1], 2, metric="clean")
     assert re.search(r"\bnan\b", json.dumps(result).lower()) is None
+
+
+def test_the_table_shows_partial_credit_and_shapes_beside_strict(tmp_path):
+    """Runs whose reward logs `score` / `blobs` show them before -> after, so a gain bought by drawing more shapes
+    is seen in the same table."""
+    from udm_grpo.commands.comparison import definition, write_report
+
+    out = tmp_path / "cmp"
+    for seed, (blobs, score) in enumerate(((4.0, 0.30), (3.0, 0.40))):
+        fake_run(out / "v" / f"seed-{seed}", [
+            {"step": 0, "eval/strict": 0.3, "eval/score": 0.5, "eval/blobs": 2.0, "progress/rollout_images": 0,
+             "progress/minutes": 0.0},
+            {"step": 2, "eval/strict": 0.5, "eval/score": score, "eval/blobs": blobs, "progress/rollout_images": 8,
+             "progress/minutes": 1.0}])
+    result = collect(out, [Variant("v")], [0, 1], 2)
+    assert result["runs"][0]["also"] == {"score": [0.5, 0.3], "blobs": [2.0, 4.0]}
+    assert result["variants"][0]["also"] == {"score": pytest.approx(0.35), "blobs": 3.5}
+    write_report(result, definition([], [], [Variant("v")], [0, 1], 2), out, "compare", "Comparison")
+    table = (out / "compare.md").read_text()
+    assert "| score before -> after | blobs before -> after |" in table
+    assert "| 0.500 -> 0.300 | 2.000 -> 4.000 |" in table and "| 0.350 | 3.500 |" in table

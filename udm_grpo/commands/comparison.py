@@ -217,6 +217,7 @@ def run_comparison(base, overrides: list[str], variants: list[Variant], output: 
 
 # ---- results: read back from each run's eval.jsonl ----------------------------------------------------------
 IMAGES, MINUTES = "progress/rollout_images", "progress/minutes"
+ALSO = ("score", "exact", "blobs")  # held-out figures shown beside the metric when the reward logs them
 
 
 def _metric_key(metric: str, finals: list[dict]) -> tuple[str, list[str]]:
@@ -301,15 +302,19 @@ def collect(output: Path, variants: list[Variant], seeds: list[int], steps: int,
         for s in seeds:
             e, (images, minutes) = evals[v.name, s], progress[v.name, s]
             before, after = _num(e.get(0, {}).get(key)), _num(e[steps][key])
+            also = {n: [_num(e.get(0, {}).get(f"eval/{n}")), _num(e[steps][f"eval/{n}"])] for n in ALSO
+                    if f"eval/{n}" in e[steps] and f"eval/{n}" != key}
             mine.append({"variant": v.name, "seed": s, "before": before, "after": after,
                          "after_ci95": _num(e[steps].get(f"eval/ci95/{key[5:]}")), "gain": after - before,
-                         "rollout_images": images[steps], "minutes": minutes[steps]})
+                         "rollout_images": images[steps], "minutes": minutes[steps], "also": also})
         runs += mine
         gain, half = _interval([r["gain"] for r in mine])
         summary.append({"variant": v.name, "seeds": len(seeds), "mean_gain": gain, "gain_ci95": half,
                         "min_gain": min((r["gain"] for r in mine if math.isfinite(r["gain"])), default=nan),
                         "mean_rollout_images": sum(r["rollout_images"] for r in mine) / len(mine),
-                        "mean_minutes": sum(r["minutes"] for r in mine) / len(mine)})
+                        "mean_minutes": sum(r["minutes"] for r in mine) / len(mine),
+                        "also": {n: sum(r["also"][n][1] for r in mine) / len(mine) for n in ALSO
+                                 if all(n in r["also"] for r in mine)}})
         common = sorted(set.intersection(*(set(evals[v.name, s]) for s in seeds)))
         curves[v.name] = []
         for step in common:
@@ -361,19 +366,23 @@ def write_report(results: dict, defined: dict, output: Path, report: str, title:
              f"- base config: {' <- '.join(defined['base']) or 'the schema defaults'}",
              f"- shared overrides: {' '.join(defined['overrides']) or '(none)'}"]
     lines += [f"- variant {v['name']}: {_describe(v)}" for v in defined["variants"]]
-    lines += ["", "## Runs", "", f"| variant | seed | held-out {name} before -> after (+- 95%) | gain | rollout images "
-              "| wall minutes |", "|---|---|---|---|---|---|"]
+    also = [n for n in ALSO if all(n in r["also"] for r in results["runs"])]
+    lines += ["", "## Runs", "", f"| variant | seed | held-out {name} before -> after (+- 95%) | gain | "
+              + "".join(f"{n} before -> after | " for n in also) + "rollout images | wall minutes |",
+              "|---|---|---|---|" + "---|" * len(also) + "---|---|"]
     lines += [f"| {r['variant']} | {r['seed']} | {_f(r['before'])} -> {_f(r['after'])}"
-              + ("" if r["after_ci95"] is None else f" +-{r['after_ci95']:.3f}")
-              + f" | {_f(r['gain'], '+.3f')} | {_f(r['rollout_images'], ',.0f')} | {_f(r['minutes'], '.2f')} |"
-              for r in results["runs"]]
-    lines += ["", "## Variants", "", "| variant | seeds | mean gain [95% interval over seeds] | min seed gain "
-              "| mean rollout images | mean wall minutes |", "|---|---|---|---|---|---|"]
+              + ("" if r["after_ci95"] is None else f" +-{r['after_ci95']:.3f}") + f" | {_f(r['gain'], '+.3f')} | "
+              + "".join(f"{_f(r['also'][n][0])} -> {_f(r['also'][n][1])} | " for n in also)
+              + f"{_f(r['rollout_images'], ',.0f')} | {_f(r['minutes'], '.2f')} |" for r in results["runs"]]
+    lines += ["", "## Variants", "", "| variant | seeds | mean gain [95% interval over seeds] | min seed gain | "
+              + "".join(f"mean {n} after | " for n in also) + "mean rollout images | mean wall minutes |",
+              "|---|---|---|---|" + "---|" * len(also) + "---|---|"]
     for v in results["variants"]:
         m, h = v["mean_gain"], v["gain_ci95"]
         ci = "n/a: one seed" if h is None else f"{m - h:+.3f}, {m + h:+.3f}"
-        lines.append(f"| {v['variant']} | {v['seeds']} | {_f(m, '+.3f')} [{ci}] | {_f(v['min_gain'], '+.3f')} "
-                     f"| {_f(v['mean_rollout_images'], ',.0f')} | {_f(v['mean_minutes'], '.2f')} |")
+        lines.append(f"| {v['variant']} | {v['seeds']} | {_f(m, '+.3f')} [{ci}] | {_f(v['min_gain'], '+.3f')} | "
+                     + "".join(f"{_f(v['also'].get(n))} | " for n in also)
+                     + f"{_f(v['mean_rollout_images'], ',.0f')} | {_f(v['mean_minutes'], '.2f')} |")
     lines += ["", "Notes:", "",
               f"- Held-out {name}: each run's own evaluation by the trainer (the same held-out prompts, sampling "
               f"settings and evaluation seed in every run) at step 0 (before) and step {steps} (after); +- is that "

@@ -346,6 +346,11 @@ def test_exact_also_fails_images_that_draw_more_than_named():
     for bad in (1, "yes", None):
         with pytest.raises(UserError, match=r"^the shapeeval reward's parameter 'exact' must be true or false"):
             ShapeEvalReward(exact=bad)
+    # `extra` charges each blob beyond those named: 0, 1, 0, 1 and 0 extra blobs
+    costly = ShapeEvalReward(strict=True, extra=0.25)(images, prompts, records)
+    assert torch.allclose(costly.scores, geneval.scores - 0.25 * torch.tensor([0.0, 1, 0, 1, 0]))
+    with pytest.raises(UserError, match=r"^the shapeeval reward's parameter 'extra' must be a weight >= 0"):
+        ShapeEvalReward(extra=-1)
 
 
 def test_exact_passes_every_faithful_render():

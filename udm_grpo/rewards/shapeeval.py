@@ -187,9 +187,11 @@ def score_images(images, records: list[dict], **kwargs) -> tuple[np.ndarray, np.
 
 
 class ShapeEvalReward(GenEvalRecordsReward):
-    """Reward protocol: scores = (1 - w) * partial-credit GenEval score + w * strict 0/1 - c * (1 - clean),
+    """Reward protocol: scores = (1 - w) * partial-credit GenEval score + w * strict 0/1 - c * (1 - clean)
+    - e * max(0, blobs - named),
     with w = `strict` (false = 0: the score alone; true = 1: strict alone), c = `clean` and clean = the
-    image's fraction of drawn blobs that are clean shapes (1 when it draws none; see `detect`'s census).
+    image's fraction of drawn blobs that are clean shapes (1 when it draws none; see `detect`'s census), and
+    e = `extra`, a cost per blob drawn beyond the objects named.
     With `exact`, strict also needs the image to draw no more than its record names: its non-speck blobs
     (the census "blobs") must number the objects named (the sum of the include counts), so extra shapes,
     which GenEval's at-least rule accepts, fail; partial credit stays GenEval's. values = {"strict": GenEval's
@@ -201,7 +203,8 @@ class ShapeEvalReward(GenEvalRecordsReward):
     records_hint = "the tiny world's records, e.g. shapes:train, or a .jsonl of GenEval records over its classes"
     vocabulary = staticmethod(world_vocabulary)
 
-    def __init__(self, strict: bool | float = False, clean: float = 0.0, exact: bool = False, min_area: int = 12,
+    def __init__(self, strict: bool | float = False, clean: float = 0.0, exact: bool = False, extra: float = 0.0,
+                 min_area: int = 12,
                  min_side: int = 4, max_side: int = MAX_SIDE, min_aspect: float = MIN_ASPECT, min_iou: float = 0.6,
                  colour_threshold: float = 70.0) -> None:
         self.strict = strict_weight(strict, "shapeeval")
@@ -209,7 +212,9 @@ class ShapeEvalReward(GenEvalRecordsReward):
             raise UserError(f"the shapeeval reward's parameter 'clean' must be a weight >= 0, got {clean!r}.")
         if not isinstance(exact, bool):
             raise UserError(f"the shapeeval reward's parameter 'exact' must be true or false, got {exact!r}.")
-        self.clean, self.exact = float(clean), exact
+        if isinstance(extra, bool) or not isinstance(extra, (int, float)) or extra < 0:
+            raise UserError(f"the shapeeval reward's parameter 'extra' must be a weight >= 0, got {extra!r}.")
+        self.clean, self.exact, self.extra = float(clean), exact, float(extra)
         self.detector_kwargs = {"min_area": min_area, "min_side": min_side, "max_side": max_side,
                                 "min_aspect": min_aspect, "min_iou": min_iou, "colour_threshold": colour_threshold}
 
@@ -224,7 +229,7 @@ class ShapeEvalReward(GenEvalRecordsReward):
         named = torch.tensor([float(d["named"]) for d in details])
         exact_t = strict_t * (blobs == named).float()
         return RewardOutput(blend_strict(score_t, exact_t if self.exact else strict_t, self.strict)
-                            - self.clean * (1 - clean), {"strict": strict_t, "exact": exact_t, "score": score_t,
+                            - self.clean * (1 - clean) - self.extra * (blobs - named).clamp(min=0), {"strict": strict_t, "exact": exact_t, "score": score_t,
                                                          "clean": clean, "blobs": blobs, "named": named})
 
 

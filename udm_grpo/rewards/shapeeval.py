@@ -228,9 +228,10 @@ class ShapeEvalReward(GenEvalRecordsReward):
         blobs = torch.tensor([float(d["blobs"]) for d in details])
         named = torch.tensor([float(d["named"]) for d in details])
         exact_t = strict_t * (blobs == named).float()
-        return RewardOutput(blend_strict(score_t, exact_t if self.exact else strict_t, self.strict)
-                            - self.clean * (1 - clean) - self.extra * (blobs - named).clamp(min=0), {"strict": strict_t, "exact": exact_t, "score": score_t,
-                                                         "clean": clean, "blobs": blobs, "named": named})
+        scores = blend_strict(score_t, exact_t if self.exact else strict_t, self.strict) - self.clean * (1 - clean) \
+            - self.extra * (blobs - named).clamp(min=0)
+        return RewardOutput(scores, {"strict": strict_t, "exact": exact_t, "score": score_t, "clean": clean,
+                                     "blobs": blobs, "named": named})
 
 
 def evaluate_images(images, records: list[dict], **kwargs) -> dict:

@@ -67,7 +67,7 @@ def test_dynamic_sampling_trains_groups_whose_rewards_differ(tmp_path):
     seen = []
     real = tr._micro_batches
     tr._micro_batches = lambda ro, adv, steps: seen.append(ro.prompts) or real(ro, adv, steps)
-    tr.train(max_steps=6)
+    tr.train(max_steps=4)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     for row, prompts in zip(rows, seen, strict=True):
         red = sum("red" in p for p in prompts[::4])  # one prompt per group of 4

@@ -120,6 +120,7 @@ class UDMGRPOTrainer:
         `train/skipped` (the reason)."""
         c = self.cfg
         clock = [("start", time.perf_counter())]
+        self._reward_seconds = 0.0
         batch = self._collect()
         metrics = batch.metrics
         clock.append(("rollout", time.perf_counter()))
@@ -139,6 +140,8 @@ class UDMGRPOTrainer:
         metrics.update(update)
         metrics["train/steps"] = f"{steps[0]}-{steps[-1]}"
         metrics.update({f"time/{name}": round(t - clock[i][1], 4) for i, (name, t) in enumerate(clock[1:])})
+        metrics["time/rollout"] = round(metrics["time/rollout"] - self._reward_seconds, 4)  # the draws' sampling
+        metrics["time/reward"] = round(self._reward_seconds, 4)
         metrics["time/total"] = round(clock[-1][1] - clock[0][1], 4)
         return metrics
 
@@ -151,7 +154,9 @@ class UDMGRPOTrainer:
         with self._sampling() as logits:
             ro = rollout(self.pipe, logits, [x["prompt"] for x in local], local, c.sampling.rollout.options(),
                          self.generator)
+        began = time.perf_counter()
         out = self.reward(ro.images, ro.prompts, ro.metadata)
+        self._reward_seconds += time.perf_counter() - began
         gather = lambda x: self.acc.gather(  # noqa: E731
             torch.as_tensor(x, dtype=torch.float32, device=self.acc.device)).cpu()
         return Drawn(records, ro, gather(out.scores), {name: gather(v) for name, v in out.values.items()})

@@ -26,7 +26,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from udm_grpo.commands.train import finish_processes
@@ -65,10 +64,7 @@ def layout_free_rollout():
         for i in range(per):
             gen = torch.Generator().manual_seed(10_000 * calls["n"] + RANK * per + i)
             parts.append(rollout(pipe, logits, prompts[i:i + 1], metadata[i:i + 1], options, gen))
-        first = parts[0]
-        return Rollout(prompts, metadata, torch.cat([p.text_ids for p in parts]), None, first.grid,
-                       torch.cat([p.final for p in parts]), torch.cat([p.states for p in parts], 1),
-                       torch.cat([p.predictions for p in parts], 1), first.t, np.concatenate([p.images for p in parts]))
+        return Rollout.cat(parts)
 
     return run
 

@@ -159,8 +159,8 @@ def verdict(first: dict, last: dict, records: list[dict], steps: int, minutes: f
                 cells.append(f"{a:.3f} -> {b:.3f} +-{h:.2f}".ljust(28))
             lines.append(f"  {tag or 'overall':14s}" + "".join(cells))
         for n in names:
-            change = last[f"eval/{n}"] - first.get(f"eval/{n}", math.nan)
-            noise = math.hypot(first.get(f"eval/ci95/{n}", math.nan), last.get(f"eval/ci95/{n}", math.nan))
+            before, after, noise = _change(first, last, n)
+            change = after - before
             where = "beyond" if abs(change) > noise else "within"
             lines.append(f"  overall {n}: {change:+.3f}, {where} the noise of two evaluations (+-{noise:.3f}).")
         if "eval/blobs" in last and "eval/named" in last:

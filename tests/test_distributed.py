@@ -43,7 +43,7 @@ def test_two_processes_match_one(tmp_path, recipe):
         assert [r.get("train/skipped") for r in rows] == [None, "non-finite loss or gradient", None]
     # Rewards are gathered from both processes: the logged statistics are those of all 8 images.
     for a, b in zip(one["rows"], two["rows"], strict=True):
-        for key in ("reward/mean", "reward/std", "train/kl", "train/loss"):
+        for key in ("reward/mean", "reward/std", "train/kl", "train/loss", "health/group_diversity"):
             if key in a:
                 assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
     # One held-out prompt on two processes: the second has none, and the results agree.

@@ -14,11 +14,13 @@ import torch
 from udm_grpo.data.prompts import PromptStream
 from udm_grpo.grpo import dynamic
 from udm_grpo.grpo.advantages import group_advantages
-from udm_grpo.grpo.health import codebook_entropy, flip_rates, group_diversity
+from udm_grpo.grpo.collect import Drawn
+from udm_grpo.grpo.health import codebook_entropy, flip_rates, group_diversity, mean_where_known
 from udm_grpo.grpo.objective import action_log_probs
 from udm_grpo.grpo.policy import ImageLogits, micro_batch_logits
 from udm_grpo.grpo.prompt_stats import PromptStats
 from udm_grpo.rewards.base import RewardOutput
+from udm_grpo.rewards.shapeeval import ShapeEvalReward
 
 from .test_trainer import make_config, trainer, weights
 
@@ -227,3 +229,27 @@ def test_dynamic_sampling_needs_whole_groups_per_process(capsys):
     err = capsys.readouterr().err
     assert "sampling.dynamic_sampling needs each of the 4 processes to hold whole groups" in err
     assert "Traceback" not in err
+
+
+def test_curriculum_counts_the_pass_the_reward_trains():
+    assert ShapeEvalReward().pass_value == "strict" and ShapeEvalReward(exact=True).pass_value == "exact"
+    # all four images pass GenEval's at-least rule; only the first draws no extra shape
+    drawn = Drawn([{"prompt": "a photo of a square"}], None, torch.zeros(4),
+                  {"strict": torch.ones(4), "exact": torch.tensor([1.0, 0, 0, 0])})
+    for key, decided in (("strict", True), ("exact", False)):
+        stats = PromptStats(window=2)
+        stats.update(["a photo of a square"], torch.zeros(1, 4), drawn.passes(4, key))
+        assert stats.decided("a photo of a square") is decided
+    assert drawn.passes(4, "missing") is None
+
+
+def test_health_mean_over_processes_skips_undefined_values():
+    """Process 1 holds no complete group (diversity NaN): the mean is process 0's; a value NaN on every process
+    stays NaN; defined values average over both."""
+    process0 = {"health/group_diversity": 0.4, "health/codebook_entropy": 2.0, "x": math.nan}
+    # process 1 has {diversity: NaN, entropy: 3.0, x: NaN}: its rows (values with NaN as 0; defined or not)
+    process1 = torch.tensor([[0.0, 3.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    out = mean_where_known(process0, lambda t: t + process1)  # process 0's view of the all-reduce sum
+    assert out["health/group_diversity"] == pytest.approx(0.4)
+    assert out["health/codebook_entropy"] == pytest.approx(2.5)
+    assert math.isnan(out["x"])

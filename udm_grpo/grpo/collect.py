@@ -24,9 +24,9 @@ class Drawn:
     scores: torch.Tensor
     values: dict[str, torch.Tensor]
 
-    def passes(self, group_size: int) -> torch.Tensor | None:
-        """Float[n, G]: the per-image pass values (the reward's `strict`), None when it reports none."""
-        return group_rows(self.values["strict"], group_size) if "strict" in self.values else None
+    def passes(self, group_size: int, key: str = "strict") -> torch.Tensor | None:
+        """Float[n, G]: the per-image pass values (the reward's value `key`), None when it reports none."""
+        return group_rows(self.values[key], group_size) if key in self.values else None
 
 
 @dataclass

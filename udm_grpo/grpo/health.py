@@ -1,7 +1,7 @@
 """Health signals of a rollout: how the sampler moves tokens, and how varied the final samples are.
 
 Logged per step as `health/*` (plotted in curves.png, read by the end-of-run verdict); all computed on
-this process's images (multi-process runs log the mean over processes).
+this process's images (multi-process runs log the mean over the processes where a value is defined).
 
     flip rate at step k      = mean over images and positions of [x_{k+1} != x_k]   (x_S = the final sample)
     codebook entropy         = -sum_v q_v log q_v, q = histogram of the final samples' tokens (nats)
@@ -15,6 +15,7 @@ signal); one that collapses onto a few codes lowers the entropy; a sampler that 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -60,3 +61,12 @@ def rollout_health(states: torch.Tensor, final: torch.Tensor, codebook_size: int
     out["health/codebook_entropy"] = codebook_entropy(final, codebook_size)
     out["health/group_diversity"] = group_diversity(final, group_size, offset)
     return out
+
+
+def mean_where_known(values: dict[str, float], sum_over_processes: Callable[[torch.Tensor], torch.Tensor]
+                     ) -> dict[str, float]:
+    """Each value's mean over the processes where it is not NaN (a process may hold no complete group), NaN
+    where all are NaN. `sum_over_processes` is an all-reduce sum of a Float64[2, K] tensor."""
+    v = torch.tensor(list(values.values()), dtype=torch.float64)
+    total, count = sum_over_processes(torch.stack([v.nan_to_num(), (~v.isnan()).double()])).unbind()
+    return dict(zip(values, (total / count).tolist(), strict=True))

@@ -6,8 +6,9 @@
 - the curriculum (`data.curriculum`): a prompt whose remembered images all passed or all failed (pass rate
   0 or 1) is drawn with weight `floor`, every other prompt (and one never drawn) with weight 1.
 
-"Pass" is the reward's per-image `strict` value when it reports one (GenEval, ShapeEval), else the score: a
-pass rate of 0 or 1 then means that every remembered score was equal.
+"Pass" is the per-image value the reward names in its attribute `pass_value` (default `strict`: GenEval;
+ShapeEval's `exact` when it trains exact counts) when it reports one, else the score: a pass rate of 0 or 1
+then means that every remembered score was equal.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ from .collect import Batch, Drawn, collect
 from .control import StopOnSigint, all_processes
 from .engine import build_engine, plain_accelerator_env, world_layout
 from .evaluation import save_samples, summarise_eval
+from .health import mean_where_known
 from .logger import RunLogger, plot_curves
 from .objective import action_log_probs, grpo_loss, token_entropy
 from .policy import ImageLogits, MicroBatch, adapters_disabled, build_policy, micro_batch_logits
@@ -170,8 +171,7 @@ class UDMGRPOTrainer:
     def _mean_over_processes(self, values: dict[str, float]) -> dict[str, float]:
         if self.world == 1:
             return values
-        reduced = self.acc.reduce(torch.tensor(list(values.values()), device=self.acc.device), "mean")
-        return dict(zip(values, reduced.tolist(), strict=True))
+        return mean_where_known(values, lambda x: self.acc.reduce(x.to(self.acc.device), "sum").cpu())
 
     def _advantages(self, batch: Batch) -> torch.Tensor:
         """This process's slice of the advantages, Float[images_per_process]; then every group drawn this step
@@ -182,7 +182,8 @@ class UDMGRPOTrainer:
         adv = group_advantages(batch.scores, G, r.scale_rewards, r.advantage_eps, r.advantage_clipping,
                                history).float()
         for d in batch.rounds:
-            self.prompt_stats.update([x["prompt"] for x in d.records], group_rows(d.scores, G), d.passes(G))
+            self.prompt_stats.update([x["prompt"] for x in d.records], group_rows(d.scores, G),
+                                     d.passes(G, getattr(self.reward, "pass_value", "strict")))
         return adv[self.rank * per: (self.rank + 1) * per].to(self.acc.device)
 
     def _micro_batches(self, ro: Rollout, adv: torch.Tensor, steps: list[int]) -> list[MicroBatch]:

@@ -215,6 +215,7 @@ class ShapeEvalReward(GenEvalRecordsReward):
         if isinstance(extra, bool) or not isinstance(extra, (int, float)) or extra < 0:
             raise UserError(f"the shapeeval reward's parameter 'extra' must be a weight >= 0, got {extra!r}.")
         self.clean, self.exact, self.extra = float(clean), exact, float(extra)
+        self.pass_value = "exact" if exact else "strict"  # what the curriculum counts as a pass
         self.detector_kwargs = {"min_area": min_area, "min_side": min_side, "max_side": max_side,
                                 "min_aspect": min_aspect, "min_iou": min_iou, "colour_threshold": colour_threshold}
 

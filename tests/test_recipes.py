@@ -34,6 +34,7 @@ def test_recipes_hold_the_papers_settings_and_split_over_8_and_32_gpus(task):
     r = s.rollout
     assert (r.num_inference_steps, r.guidance_scale, s.train_steps, s.train_start) == (10, 1.0, 3, [0, 3])
     assert s.forward_process and s.clean_response and (s.rollout.height, s.rollout.width) == (512, 512)
+    assert not s.dynamic_sampling  # the paper trains every group; the tiny world's dynamic sampling does not leak in
     assert (t.lr, t.betas, t.weight_decay, cfg.reward.kl_beta, t.lr_warmup_steps) == (1e-6, [0.9, 0.95], 0.01, 0.05, 0)
     assert (cfg.model.dtype, t.mixed_precision, cfg.model.gradient_checkpointing) == ("bfloat16", "bf16", 1)
     assert cfg.reward.name == task and cfg.model.path == "BAAI/URSA-1.7B-IBQ512"

@@ -397,20 +397,25 @@ def write_report(results: dict, defined: dict, output: Path, report: str, title:
               "updates) since step 0 across resumes; evaluations and checkpoints are not counted.",
               *(f"- {n}" for n in results["notes"])]
     write_text_atomic(output / f"{report}.md", "\n".join(lines) + "\n")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for variant, points in results["curves"].items():
+    curves = results["curves"]
+    rows = -(-len(curves) // 3)  # one shared legend of 3 columns under the plots
+    height = 3.8 + 0.2 * rows
+    fig, axes = plt.subplots(1, 2, figsize=(11, height))
+    colours = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20").colors
+    for (variant, points), colour in zip(curves.items(), colours * 2):
         y = [p["mean"] for p in points]
         for ax, x_key in zip(axes, ("rollout_images", "minutes")):
             x = [p[x_key] for p in points]
-            line, = ax.plot(x, y, "o-", markersize=3, label=variant)
+            ax.plot(x, y, "o-", markersize=3, color=colour, label=variant)
             if all(p["half_width"] is not None for p in points):
                 ax.fill_between(x, [m - p["half_width"] for m, p in zip(y, points)],
-                                [m + p["half_width"] for m, p in zip(y, points)], color=line.get_color(), alpha=0.2)
+                                [m + p["half_width"] for m, p in zip(y, points)], color=colour,
+                                alpha=0.2 if len(curves) <= 4 else 0.08)
     for ax, label in zip(axes, ("rollout images consumed", "wall minutes of training")):
         ax.set(xlabel=label, ylabel=f"held-out {name}", title=f"held-out {name} vs {label.split(' of')[0]}")
-        ax.legend()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8, frameon=False)
     band = "95% t-interval over seeds" if len(seeds) > 1 else "the evaluation's own 95% interval"
     fig.suptitle(f"{title}: mean over {len(seeds)} seed(s), band: {band}", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, (0.17 * rows + 0.1) / height, 1, 1))
     save_figure(fig, output / f"{report}.png")
     plt.close(fig)

@@ -223,7 +223,7 @@ def test_dynamic_sampling_needs_whole_groups_per_process(capsys):
     from udm_grpo.cli import main
 
     args = ["train", "--check", "--processes", "4", "sampling.num_prompts_per_step=6", "training.micro_batch_size=4"]
-    assert main(args) == 0
+    assert main([*args, "sampling.dynamic_sampling=false"]) == 0
     capsys.readouterr()
     assert main([*args, "sampling.dynamic_sampling=true"]) == 2
     err = capsys.readouterr().err

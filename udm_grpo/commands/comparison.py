@@ -16,6 +16,7 @@ each run's eval.jsonl (`collect`) into OUT/<name>.md, .png and the manifest's "r
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import re
 from dataclasses import dataclass, field
@@ -402,7 +403,7 @@ def write_report(results: dict, defined: dict, output: Path, report: str, title:
     height = 3.8 + 0.2 * rows
     fig, axes = plt.subplots(1, 2, figsize=(11, height))
     colours = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20").colors
-    for (variant, points), colour in zip(curves.items(), colours * 2):
+    for (variant, points), colour in zip(curves.items(), itertools.cycle(colours)):
         y = [p["mean"] for p in points]
         for ax, x_key in zip(axes, ("rollout_images", "minutes")):
             x = [p[x_key] for p in points]
